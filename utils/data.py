@@ -1,0 +1,132 @@
+"""Datasets of the lab layout (see prepare_dataset.py) and the lab's ground-truth csv.
+
+Images are small (64x64), so every dataset decodes its whole folder once, at construction, into one
+uint8 array: ~90 MB for the 7k training images, and no PNG decoding in the training loop.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from utils.image import IMAGE_SIZE, normalize, read_rgb, uint8_to_tensor
+
+CSV_ROW = IMAGE_SIZE * IMAGE_SIZE * 3  # one image per row: 64*64*3 uint8 values in H,W,C order
+
+
+def _png_files(folder: str | Path, what: str) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: {what} folder not found; run prepare_dataset.py or pass the right path")
+    files = sorted(folder.glob("*.png"))
+    if not files:
+        raise ValueError(f"{folder}: {what} folder holds no .png images")
+    return files
+
+
+def _read_all(files: list[Path], desc: str) -> np.ndarray:
+    bar = tqdm(files, desc=desc, unit="img", leave=False, mininterval=1, delay=1)
+    return np.stack([read_rgb(f) for f in bar])
+
+
+class ImageFolderDataset(Dataset):
+    """All `*.png` of a folder (sorted), as normalized float tensors [3,64,64].
+
+    hflip: random horizontal flip with probability 1/2 (torch RNG, so DataLoader seeding applies).
+    """
+
+    def __init__(self, folder: str | Path, split: str = "train", hflip: bool = False):
+        self.paths = _png_files(folder, "image")
+        self.split = split
+        self.hflip = hflip
+        self.images = _read_all(self.paths, f"load {Path(folder).name}")  # uint8 [N,64,64,3]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        x = normalize(uint8_to_tensor(self.images[i]), self.split)
+        if self.hflip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x
+
+
+class InpaintingTestSet(Dataset):
+    """Masked test images paired with their masks by sorted file name (the lab's convention).
+
+    Item: (masked image normalized [3,64,64], known mask bool [1,64,64] with True = known pixel, index).
+    `.names` are the masked images' file names, `.images` the raw uint8 masked images [N,64,64,3] and
+    `.known` the bool masks [N,64,64], for pasting the known pixels back exactly.
+
+    Masks must be 64x64; any PIL mode is converted to grayscale "L". Masks that are not strictly
+    0/255 (e.g. saved as JPEG) are thresholded at 128 (>= 128 = known) with a single warning.
+    """
+
+    def __init__(self, masked_dir: str | Path, mask_dir: str | Path, split: str = "test"):
+        image_files = _png_files(masked_dir, "masked image")
+        mask_files = _png_files(mask_dir, "mask")
+        if len(image_files) != len(mask_files):
+            raise ValueError(f"{masked_dir} has {len(image_files)} images but {mask_dir} has {len(mask_files)} "
+                             f"masks; they are paired by sorted name, so the counts must match")
+        self.split = split
+        self.names = [f.name for f in image_files]
+        self.images = _read_all(image_files, "load masked images")
+        masks = np.stack([_read_mask(f) for f in mask_files])
+        soft = [f.name for f, m in zip(mask_files, masks) if not np.isin(m, (0, 255)).all()]
+        if soft:
+            warnings.warn(f"{mask_dir}: {len(soft)} masks (first: {soft[0]}) are not strictly 0/255; "
+                          f"thresholded at 128 (>= 128 = known pixel)", stacklevel=2)
+        self.known = masks >= 128
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        x = normalize(uint8_to_tensor(self.images[i]), self.split)
+        return x, torch.from_numpy(self.known[i])[None], i
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            m = np.asarray(im.convert("L"))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read mask ({e}); replace the file") from e
+    if m.shape != (IMAGE_SIZE, IMAGE_SIZE):
+        raise ValueError(f"{path}: mask is {m.shape[1]}x{m.shape[0]}, expected {IMAGE_SIZE}x{IMAGE_SIZE}")
+    return m
+
+
+def read_gt_csv(path: str | Path) -> np.ndarray:
+    """Lab ground-truth csv (a header line, then one image per row) -> uint8 [N,64,64,3]."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: ground-truth csv not found; run prepare_dataset.py or pass --gtcsv-path")
+    try:
+        rows = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a csv of numbers with {CSV_ROW} values per row ({e})") from e
+    if rows.size == 0:
+        raise ValueError(f"{path}: holds no images (only a header?)")
+    if rows.shape[1] != CSV_ROW:
+        raise ValueError(f"{path}: rows have {rows.shape[1]} values, expected {CSV_ROW} (64*64*3 in H,W,C order)")
+    if (rows != np.round(rows)).any() or rows.min() < 0 or rows.max() > 255:
+        raise ValueError(f"{path}: values must be integers in 0..255")
+    return rows.astype(np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+
+def write_gt_csv(path: str | Path, images: np.ndarray) -> None:
+    """uint8 [N,64,64,3] -> the lab's csv: header '0,1,...,12287' (pandas' default), one image per row."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise ValueError(f"write_gt_csv: expected uint8 [N,{IMAGE_SIZE},{IMAGE_SIZE},3], got "
+                         f"{images.dtype} {list(images.shape)}")
+    with open(path, "w") as f:
+        f.write(",".join(map(str, range(CSV_ROW))) + "\n")
+        for row in images.reshape(len(images), -1):
+            f.write(",".join(map(str, row.tolist())) + "\n")

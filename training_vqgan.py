@@ -28,7 +28,7 @@ from models.VQGAN.discriminator import Discriminator
 from utils.checkpoint import (TRAINING_STATE_TAG, atomic_save, load_training_state, rng_state, set_rng_state)
 from utils.config import load_config
 from utils.data import ImageFolderDataset
-from utils.image import denormalize
+from utils.image import denormalize, normalize, uint8_to_tensor
 from utils.train_utils import (EXIT_DIVERGED, EXIT_INTERRUPTED, CSVLog, GracefulInterrupt, TrainingStopped,
                                UserError, autocast, run_cli, seed_everything)
 
@@ -59,6 +59,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--detect-anomaly", action="store_true", help="torch.autograd anomaly detection (slow)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
+
+
+def load_images(folder: str, split: str, device: torch.device) -> torch.Tensor:
+    """A whole split as one normalized tensor (7k images are 340 MB in fp32), channels_last for fast convs."""
+    try:
+        images = ImageFolderDataset(folder, split=split).images
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    return normalize(uint8_to_tensor(images), split).to(device).contiguous(memory_format=torch.channels_last)
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -109,15 +118,16 @@ def main(args: argparse.Namespace) -> None:
     torch.autograd.set_detect_anomaly(args.detect_anomaly)
     seed_everything(args.seed)
 
-    train = ImageFolderDataset(args.train_d_path, split="train").tensor()
-    train = train[: max(1, int(len(train) * args.partial))].to(device)
-    val = ImageFolderDataset(args.val_d_path, split="val").tensor().to(device)
+    train = load_images(args.train_d_path, "train", device)
+    train = train[: max(1, int(len(train) * args.partial))]
+    val = load_images(args.val_d_path, "val", device)
     bs = int(tp["batch_size"])
     steps_per_epoch = max(1, len(train) // bs)
     print(f"train {len(train)} images, val {len(val)}, {steps_per_epoch} steps/epoch, batch {bs}")
 
-    model = VQGAN(model_cfg).to(device)
-    disc = Discriminator(model_cfg["image_channels"], int(tp["disc_base_channels"])).to(device)
+    model = VQGAN(model_cfg).to(device, memory_format=torch.channels_last)
+    disc = Discriminator(model_cfg["image_channels"], int(tp["disc_base_channels"])).to(
+        device, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=tp["learning_rate"], betas=tuple(tp["betas"]),
                             weight_decay=tp["weight_decay"])
     opt_d = torch.optim.AdamW(disc.parameters(), lr=tp["learning_rate"], betas=tuple(tp["betas"]),

@@ -18,8 +18,9 @@ from utils.image import save_png
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = ROOT.parent / "shared" / "reference" / "vqgan_state_dict.tsv"
 
-TINY = dict(image_channels=3, enc_channels=[32, 32, 64], dec_channels=[32, 64], latent_dim=16,
-            img_resolution=64, latent_resolution=32, num_codebook_vectors=32, beta=0.25)
+TINY = dict(image_channels=3, enc_channels=[8, 16], dec_channels=[8, 16], latent_dim=8, img_resolution=64,
+            latent_resolution=32, num_codebook_vectors=32, beta=0.25, norm_groups=4, enc_res_blocks=1,
+            dec_res_blocks=1)
 
 
 def lab_config() -> dict:
@@ -37,17 +38,23 @@ def test_lab_state_dict_layout_matches_reference_exactly():
     assert sum(v.numel() for v in sd.values()) == 70_775_299
 
 
-def test_small_config_has_the_same_shape_of_network():
+def test_narrower_channels_give_the_same_network_and_small_config_is_cpu_sized():
+    narrow = dict(lab_config(), enc_channels=[32, 32, 32, 64, 64, 128], dec_channels=[32, 32, 64, 64, 128],
+                  latent_dim=64)
     small = yaml.safe_load((ROOT / "configs" / "VQGAN_small.yml").read_text())["model_param"]
     with torch.device("meta"):
-        lab_keys = [k for k in VQGAN(lab_config()).state_dict()]
-        small_sd = VQGAN(small).state_dict()
-    assert list(small_sd) == lab_keys
-    assert sum(v.numel() for v in small_sd.values()) < 10_000_000
+        lab_sd = VQGAN(lab_config()).state_dict()
+        narrow_sd = VQGAN(narrow).state_dict()
+        small_model = VQGAN(small)
+    assert list(narrow_sd) == list(lab_sd)
+    assert narrow_sd["codebook.embedding.weight"].shape == (1024, 64)
+    assert [name for name, _ in small_model.named_children()] == ["encoder", "decoder", "codebook", "quant_conv",
+                                                                   "post_quant_conv"]
+    assert sum(p.numel() for p in small_model.parameters()) < 2_000_000
 
 
 def test_channel_rule_mismatch_is_reported():
-    bad = dict(TINY, enc_channels=[32, 32, 32])
+    bad = dict(TINY, enc_channels=[8, 8, 8])
     with pytest.raises(ValueError, match="downsample"):
         VQGAN(bad)
 
@@ -76,10 +83,10 @@ def test_codebook_picks_nearest_code_and_passes_gradient_straight_through():
 
 def test_encode_decode_indices_roundtrip_shapes_and_order():
     torch.manual_seed(0)
-    m = VQGAN(dict(TINY, latent_resolution=16, enc_channels=[32, 32, 64, 64], dec_channels=[32, 64, 64])).eval()
+    m = VQGAN(dict(TINY, latent_resolution=16, enc_channels=[8, 16, 32], dec_channels=[8, 16, 32])).eval()
     x = torch.randn(3, 3, 64, 64)
     z_q, idx, _ = m.encode(x)
-    assert z_q.shape == (3, 16, 16, 16) and idx.shape == (3 * 256,)
+    assert z_q.shape == (3, 8, 16, 16) and idx.shape == (3 * 256,)
     # b,h,w order: the grid of image 1 is the 2nd block of 256 and decode_indices inverts the lookup
     assert torch.allclose(m.decode_indices(idx.view(3, 256)), m.decode(z_q), atol=1e-5)
     assert torch.equal(m.encode(x[1:2])[1], idx[256:512])
@@ -96,7 +103,7 @@ def test_dead_codes_are_restarted_on_encoder_outputs():
     assert (w[dead] > 4.9).all()
 
 
-def _tiny_dataset(root: Path, n_train: int = 16, n_val: int = 4) -> None:
+def _tiny_dataset(root: Path, n_train: int = 8, n_val: int = 4) -> None:
     rng = np.random.default_rng(0)
     for split, n in [("train", n_train), ("val", n_val)]:
         (root / split).mkdir(parents=True)
@@ -108,7 +115,7 @@ def _tiny_dataset(root: Path, n_train: int = 16, n_val: int = 4) -> None:
 
 
 def _train(tmp: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
-    cfg = {"model_param": TINY, "train_param": {"batch_size": 8, "learning_rate": 1e-3, "disc_start": 6,
+    cfg = {"model_param": TINY, "train_param": {"batch_size": 4, "learning_rate": 1e-3, "disc_start": 6,
                                                 "disc_base_channels": 8, "dead_code_window": 4}}
     (tmp / "tiny.yml").write_text(yaml.safe_dump(cfg))
     cmd = [sys.executable, str(ROOT / "training_vqgan.py"), "--config", str(tmp / "tiny.yml"),

@@ -34,18 +34,20 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _load(path: str | Path) -> Any:
+def _load(path: str | Path, weights_only: bool = True) -> Any:
+    """weights_only=False only for training states, which hold Python/NumPy RNG states and are ours."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found; check the path (or train one first)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:  # truncated zip, not a torch file, ...
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}); the file is truncated "
                               "or not a PyTorch checkpoint: re-download it or resume from an earlier one") from e
@@ -68,7 +70,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_training_state(path: str | Path) -> dict[str, Any]:
     """Load a training-state file; refuses a plain weights file."""
-    obj = _load(path)
+    obj = _load(path, weights_only=False)
     if not is_training_state(obj):
         raise CheckpointError(f"{path}: this is a weights file, not a training state; resume needs the "
                               "training-state file written by the trainer")

@@ -62,7 +62,7 @@ def read_rgb(path: str | Path, size: int | None = IMAGE_SIZE) -> np.ndarray:
             im.load()
             if im.mode not in ("RGB", "RGBA", "L", "P"):
                 raise ValueError(f"{path}: image mode {im.mode} is not RGB; convert it to RGB first")
-            arr = np.asarray(im.convert("RGB"))
+            arr = np.array(im.convert("RGB"))
     except (OSError, SyntaxError) as e:
         raise ValueError(f"{path}: cannot read image ({e}); replace or remove the file") from e
     if size is not None and arr.shape[:2] != (size, size):

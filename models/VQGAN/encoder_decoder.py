@@ -1,11 +1,12 @@
 """Encoder and decoder built from the channel lists of the config.
 
 The lab's layout follows two rules that also scale to smaller configs:
-- encoder: stages of two residual blocks, enc_channels[i] -> enc_channels[i+1]; a stage that widens
-  the channels ends with a 2x downsample;
-- decoder: reversed dec_channels, stages of three residual blocks (attention after each block of the
-  first stage, which runs at the latent resolution); a 2x upsample precedes a stage that narrows.
-With the lab's channel lists this reproduces vqgan_state_dict.tsv exactly (a test checks it).
+- encoder: stages of `enc_res_blocks` (2) residual blocks, enc_channels[i] -> enc_channels[i+1]; a stage
+  that widens the channels ends with a 2x downsample;
+- decoder: reversed dec_channels, stages of `dec_res_blocks` (3) residual blocks (attention after each
+  block of the first stage, which runs at the latent resolution); a 2x upsample precedes a stage that narrows.
+With the lab's channel lists and the defaults this reproduces vqgan_state_dict.tsv exactly (a test checks
+it). `norm_groups` (32) and the block counts are optional keys so that a CPU-sized config can be cheaper.
 """
 from __future__ import annotations
 
@@ -15,9 +16,6 @@ import torch
 import torch.nn as nn
 
 from .layers import DownSampleBlock, GroupNorm, NonLocalBlock, ResidualBlock, Swish, UpSampleBlock
-
-ENCODER_BLOCKS_PER_STAGE = 2
-DECODER_BLOCKS_PER_STAGE = 3
 
 
 def _num_resamples(cfg: dict) -> int:
@@ -31,20 +29,20 @@ def _num_resamples(cfg: dict) -> int:
 class Encoder(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
-        ch = list(cfg["enc_channels"])
+        ch, g = list(cfg["enc_channels"]), cfg.get("norm_groups", 32)
         widening = sum(ch[i + 1] > ch[i] for i in range(len(ch) - 1))
         if widening != _num_resamples(cfg):
             raise ValueError(f"enc_channels {ch} widen {widening} times but img_resolution/latent_resolution "
                              f"needs {_num_resamples(cfg)} downsamples (one per widening stage)")
         layers: list[nn.Module] = [nn.Conv2d(cfg["image_channels"], ch[0], 3, 1, 1)]
         for c_in, c_out in zip(ch[:-1], ch[1:]):
-            for j in range(ENCODER_BLOCKS_PER_STAGE):
-                layers.append(ResidualBlock(c_in if j == 0 else c_out, c_out))
+            for j in range(cfg.get("enc_res_blocks", 2)):
+                layers.append(ResidualBlock(c_in if j == 0 else c_out, c_out, g))
             if c_out > c_in:
                 layers.append(DownSampleBlock(c_out))
         top = ch[-1]
-        layers += [ResidualBlock(top, top), NonLocalBlock(top), ResidualBlock(top, top),
-                   GroupNorm(top), Swish(), nn.Conv2d(top, cfg["latent_dim"], 3, 1, 1)]
+        layers += [ResidualBlock(top, top, g), NonLocalBlock(top, g), ResidualBlock(top, top, g),
+                   GroupNorm(top, g), Swish(), nn.Conv2d(top, cfg["latent_dim"], 3, 1, 1)]
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,23 +52,23 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
-        ch = list(reversed(cfg["dec_channels"]))
+        ch, g = list(reversed(cfg["dec_channels"])), cfg.get("norm_groups", 32)
         narrowing = sum(ch[i + 1] < ch[i] for i in range(len(ch) - 1))
         if narrowing != _num_resamples(cfg):
             raise ValueError(f"dec_channels {cfg['dec_channels']} narrow {narrowing} times but the decoder needs "
                              f"{_num_resamples(cfg)} upsamples (one per narrowing stage)")
         c = ch[0]
         layers: list[nn.Module] = [nn.Conv2d(cfg["latent_dim"], c, 3, 1, 1),
-                                   ResidualBlock(c, c), NonLocalBlock(c), ResidualBlock(c, c)]
+                                   ResidualBlock(c, c, g), NonLocalBlock(c, g), ResidualBlock(c, c, g)]
         for i, c_out in enumerate(ch):
             if c_out < c:
                 layers.append(UpSampleBlock(c))
-            for j in range(DECODER_BLOCKS_PER_STAGE):
-                layers.append(ResidualBlock(c if j == 0 else c_out, c_out))
+            for j in range(cfg.get("dec_res_blocks", 3)):
+                layers.append(ResidualBlock(c if j == 0 else c_out, c_out, g))
                 if i == 0:
-                    layers.append(NonLocalBlock(c_out))
+                    layers.append(NonLocalBlock(c_out, g))
             c = c_out
-        layers += [GroupNorm(c), nn.Conv2d(c, cfg["image_channels"], 3, 1, 1)]
+        layers += [GroupNorm(c, g), nn.Conv2d(c, cfg["image_channels"], 3, 1, 1)]
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 
 class GroupNorm(nn.Module):
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.gn = nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+        self.gn = nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.gn(x)
@@ -21,12 +21,12 @@ class Swish(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, groups: int = 32):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.block = nn.Sequential(
-            GroupNorm(in_channels), Swish(), nn.Conv2d(in_channels, out_channels, 3, 1, 1),
-            GroupNorm(out_channels), Swish(), nn.Conv2d(out_channels, out_channels, 3, 1, 1),
+            GroupNorm(in_channels, groups), Swish(), nn.Conv2d(in_channels, out_channels, 3, 1, 1),
+            GroupNorm(out_channels, groups), Swish(), nn.Conv2d(out_channels, out_channels, 3, 1, 1),
         )
         if in_channels != out_channels:
             self.channel_up = nn.Conv2d(in_channels, out_channels, 1, 1, 0)
@@ -57,9 +57,9 @@ class DownSampleBlock(nn.Module):
 class NonLocalBlock(nn.Module):
     """Single-head self-attention over the h*w positions (the lab's attention block)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
-        self.norm = GroupNorm(channels)
+        self.norm = GroupNorm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1, 1, 0)
         self.k = nn.Conv2d(channels, channels, 1, 1, 0)
         self.v = nn.Conv2d(channels, channels, 1, 1, 0)

@@ -1,0 +1,105 @@
+"""Training throughput of the stage-2 transformer on the CPU under bf16 autocast, against a plain bf16 matmul.
+
+One step = forward + masked-token cross-entropy + backward + AdamW (fused: 3-4x faster than the default
+foreach on this CPU), on random tokens (speed does not depend on the data).
+FLOPs are counted analytically, matmuls only:
+    per image = 6 * P_mm * N                 (forward 2, backward 4 FLOPs per weight per token)
+              + 12 * L * N^2 * d             (QK^T and AV: 2 * 2N^2 d forward per layer, twice that backward)
+with P_mm = all Linear weights + the tied output embedding (num_codebook_vectors+1) x d, N tokens, L layers,
+d = dim. LayerNorm, GELU, softmax, dropout and the optimizer are not counted (they cost time, not counted FLOPs).
+The reference is a [4096, d] x [d, 4d] bf16 matmul timed right after every timed step (mean of 10 runs each
+time, median over steps), so that both see the same load on a shared machine; the last line is the ratio:
+    mfu_vs_matmul X.XX
+
+    OMP_NUM_THREADS=2 python benchmarks/train_throughput.py --batch-size 16 --iters 5
+    python benchmarks/train_throughput.py --config configs/MaskGit_small.yml
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models.Transformer import BidirectionalTransformer  # noqa: E402
+from utils.config import ConfigError, load_config  # noqa: E402
+
+
+def matmul_flops_per_image(model: BidirectionalTransformer, cfg: dict) -> float:
+    """Training FLOPs of one image's forward + backward, matmuls only (formula in the module docstring)."""
+    n, d, layers = cfg["num_image_tokens"], cfg["dim"], cfg["n_layers"]
+    p_mm = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear)) + model.tok_emb.weight.numel()
+    return 6.0 * p_mm * n + 12.0 * layers * n * n * d
+
+
+def matmul_reference(a: torch.Tensor, b: torch.Tensor, reps: int = 10) -> float:
+    """Mean FLOP/s of a @ b over `reps` runs: what the CPU's bf16 GEMM reaches at this size right now."""
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b)
+    return 2.0 * a.shape[0] * a.shape[1] * b.shape[1] * reps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default="configs/MaskGit.yml", help="MaskGIT config (Transformer_param is used)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=5, help="timed training steps")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed training steps before timing")
+    args = parser.parse_args()
+    if args.iters < 1 or args.batch_size < 1 or args.warmup < 0:
+        parser.error("--iters and --batch-size must be >= 1, --warmup >= 0")
+    try:
+        full = load_config(args.config, required={"model_param": ["Transformer_param"]})
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    cfg = full["model_param"]["Transformer_param"]
+
+    torch.manual_seed(0)
+    model = BidirectionalTransformer(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.96), weight_decay=0.045, fused=True)
+    b, n = args.batch_size, cfg["num_image_tokens"]
+    targets = torch.randint(0, cfg["num_codebook_vectors"], (b, n))
+    masked = torch.rand(b, n) < 0.5
+    tokens = targets.masked_fill(masked, model.mask_token_id)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(tokens)
+        loss = F.cross_entropy(logits[masked].float(), targets[masked])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    a = torch.randn(4096, cfg["dim"], dtype=torch.bfloat16)
+    w = torch.randn(cfg["dim"], 4 * cfg["dim"], dtype=torch.bfloat16)
+    matmul_reference(a, w)  # warm-up
+    for _ in range(args.warmup):
+        step()
+    step_sec, peaks = [], []
+    for _ in tqdm(range(args.iters), desc="timed steps", leave=False):
+        t0 = time.perf_counter()
+        step()
+        step_sec.append(time.perf_counter() - t0)
+        peaks.append(matmul_reference(a, w))
+    sec = sum(step_sec) / len(step_sec)
+    peak = statistics.median(peaks)
+
+    achieved = matmul_flops_per_image(model, cfg) * b / sec
+    print(f"config {args.config}: dim {cfg['dim']}, layers {cfg['n_layers']}, tokens {n}, batch {b}, "
+          f"threads {torch.get_num_threads()}, params {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M")
+    print(f"step {sec:.3f} s   images/s {b / sec:.2f}   tokens/s {b * n / sec:.0f}")
+    print(f"achieved {achieved / 1e9:.1f} GFLOP/s   bf16 matmul [4096,{cfg['dim']}]x[{cfg['dim']},{4 * cfg['dim']}] "
+          f"{peak / 1e9:.1f} GFLOP/s")
+    print(f"mfu_vs_matmul {achieved / peak:.2f}")
+
+
+if __name__ == "__main__":
+    main()

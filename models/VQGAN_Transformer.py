@@ -1,0 +1,140 @@
+"""MaskGIT: a frozen VQGAN tokenizer plus a bidirectional transformer trained by masked visual token modeling."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.Transformer import BidirectionalTransformer
+from models.VQGAN import VQGAN, load_vqgan, load_vqgan_config
+from sampler.schedules import gamma_func
+from utils.checkpoint import CheckpointError, load_state_dict_strict, load_weights
+from utils.config import ConfigError, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MODEL_PARAM_KEYS = ["VQ_Configs", "num_image_tokens", "num_codebook_vectors", "choice_temperature", "gamma_type",
+                    "Transformer_param"]
+TRANSFORMER_KEYS = ["num_image_tokens", "num_codebook_vectors", "dim", "n_layers", "hidden_dim"]
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Config paths are relative to the working directory, as in the lab; fall back to the repository root
+    so that scripts also work when started from elsewhere."""
+    path = Path(path)
+    if path.is_absolute() or path.exists() or not (REPO_ROOT / path).exists():
+        return path
+    return REPO_ROOT / path
+
+
+def load_maskgit_config(path: str | Path) -> dict[str, Any]:
+    """The `model_param` section of a MaskGit YAML config, checked for every key the model needs."""
+    cfg = load_config(path, required={"model_param": MODEL_PARAM_KEYS})["model_param"]
+    for section, keys in (("VQ_Configs", ["VQ_config_path", "VQ_CKPT_path"]), ("Transformer_param", TRANSFORMER_KEYS)):
+        block = cfg[section]
+        missing = [k for k in keys if not isinstance(block, dict) or k not in block]
+        if missing:
+            raise ConfigError(f"{path}: missing key 'model_param.{section}.{missing[0]}'; see configs/MaskGit.yml")
+    tp = cfg["Transformer_param"]
+    for key in ("num_image_tokens", "num_codebook_vectors"):
+        if tp[key] != cfg[key]:
+            raise ConfigError(f"{path}: model_param.{key} ({cfg[key]}) differs from Transformer_param.{key} "
+                              f"({tp[key]}); make them equal")
+    return cfg
+
+
+def _load_frozen_vqgan(vq_cfg: dict[str, Any]) -> VQGAN:
+    config_path = resolve_path(vq_cfg["VQ_config_path"])
+    ckpt_path = resolve_path(vq_cfg["VQ_CKPT_path"])
+    load_vqgan_config(config_path)  # a config error names the config, not the checkpoint
+    if not ckpt_path.is_file():
+        raise CheckpointError(f"{ckpt_path}: VQGAN checkpoint not found (VQ_Configs.VQ_CKPT_path); train it with "
+                              f"training_vqgan.py using {config_path}, or point VQ_CKPT_path at an existing VQGAN.pt")
+    try:
+        return load_vqgan(config_path, ckpt_path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e} (VQ_Configs: is {config_path} the config this VQGAN was trained with?)") from e
+
+
+def mask_tokens(indices: torch.Tensor, gamma: Callable[[torch.Tensor], torch.Tensor], mask_token_id: int,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MVTM corruption: per sample draw r ~ U(0,1) and replace ceil(gamma(r) * N) random positions by the mask id.
+
+    indices: LongTensor [B, N]. Returns (corrupted indices [B, N], mask bool [B, N], True = masked). Random
+    numbers come from `generator` (on its device) when given, so validation can use the same masks every time.
+    """
+    b, n = indices.shape
+    device = generator.device if generator is not None else indices.device
+    r = torch.rand(b, device=device, generator=generator)
+    num_masked = torch.ceil(gamma(r) * n).long()  # gamma works in float64: no 1-ulp ceil surprises
+    ranks = torch.rand(b, n, device=device, generator=generator).argsort(dim=1).argsort(dim=1)
+    mask = (ranks < num_masked[:, None]).to(indices.device)
+    return indices.masked_fill(mask, mask_token_id), mask
+
+
+def mvtm_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy over the masked positions only (mean over masked tokens), computed in fp32."""
+    return F.cross_entropy(logits[mask].float(), target[mask], label_smoothing=label_smoothing)
+
+
+def masked_correct(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:
+    """(number of masked tokens whose argmax prediction is right, number of masked tokens)."""
+    return int((logits[mask].argmax(dim=-1) == target[mask]).sum()), int(mask.sum())
+
+
+class MaskGit(nn.Module):
+    """cfg: the `model_param` section of configs/MaskGit.yml. The VQGAN is loaded from VQ_Configs and frozen."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        super().__init__()
+        self.vqgan = _load_frozen_vqgan(cfg["VQ_Configs"])
+        self.transformer = BidirectionalTransformer(cfg["Transformer_param"])
+        if self.vqgan.num_codebook_vectors != cfg["num_codebook_vectors"]:
+            raise ConfigError(f"num_codebook_vectors is {cfg['num_codebook_vectors']} but the VQGAN has "
+                              f"{self.vqgan.num_codebook_vectors} codes; make the MaskGit config match the VQGAN")
+        if self.vqgan.latent_resolution ** 2 != cfg["num_image_tokens"]:
+            raise ConfigError(f"num_image_tokens is {cfg['num_image_tokens']} but the VQGAN makes "
+                              f"{self.vqgan.latent_resolution}x{self.vqgan.latent_resolution} tokens; make them match")
+        self.num_image_tokens = cfg["num_image_tokens"]
+        self.mask_token_id = self.transformer.mask_token_id
+        self.choice_temperature = cfg["choice_temperature"]
+        self.gamma_type = cfg["gamma_type"]
+        self.gamma = self.gamma_func(self.gamma_type)
+
+    def train(self, mode: bool = True) -> "MaskGit":
+        """Only the transformer ever trains; the VQGAN stays in eval mode."""
+        super().train(mode)
+        self.vqgan.eval()
+        return self
+
+    @staticmethod
+    def gamma_func(mode: str = "cosine") -> Callable[[torch.Tensor | float], torch.Tensor]:
+        """The mask scheduling function; sampler.schedules is its only home."""
+        return gamma_func(mode)
+
+    @torch.no_grad()
+    def encode_to_z(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalized images [B,3,H,W] -> (z_q [B,D,h,w], indices [B, h*w])."""
+        z_q, indices, _ = self.vqgan.encode(x)
+        return z_q, indices.view(x.shape[0], -1)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """MVTM on token indices [B, N] (or normalized images, tokenized first) -> (logits, target, mask).
+
+        The loss is mvtm_loss(logits, target, mask): cross-entropy on the masked positions only.
+        """
+        target = self.encode_to_z(x)[1] if x.is_floating_point() else x
+        corrupted, mask = mask_tokens(target, self.gamma, self.mask_token_id, generator)
+        return self.transformer(corrupted), target, mask
+
+    def load_transformer_checkpoint(self, path: str | Path) -> None:
+        """Load a plain transformer state_dict (the lab's format, e.g. transformer_epoch_N.pt) strictly."""
+        load_state_dict_strict(self.transformer, load_weights(path), source=str(path))
+
+    @torch.no_grad()
+    def decode_tokens(self, indices: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, N] (or [B, h, w]) -> normalized images [B, 3, H, W]."""
+        return self.vqgan.decode_indices(indices)

@@ -1,0 +1,138 @@
+"""MaskGIT iterative decoding for inpainting: batched, and kept apart from the networks.
+
+Convention, per image b with m_b initially masked tokens, T = total_iter steps, t = 0..T-1:
+  1. one transformer forward on the current tokens (still-masked positions hold the mask id);
+  2. every still-masked token gets a candidate, sampled from softmax(logits[:K] / temperature) over the K real
+     codes (never the mask id), or its argmax;
+  3. confidence = log p(candidate) + choice_temperature * (1 - t/T) * Gumbel noise (the MaskGIT paper's rule,
+     p being the distribution the candidate came from); known tokens and tokens fixed earlier get +inf;
+  4. the n_t = ceil(gamma((t+1)/T) * m_b) least confident candidates stay masked, all others are fixed.
+Because gamma is non-increasing with gamma(1) = 0: n_t never increases, n_{T-1} = 0 (the last step leaves
+nothing masked), known tokens never change and a token fixed at step t stays fixed.
+Sweet spot s (1..T): run steps 0..s-1 and take step s-1's tokens, i.e. the tokens still masked after it are
+filled with that step's candidates (the lab's "take the image at step s"); s = T is the full decode.
+
+Images in one batch may have different numbers of masked tokens: the re-masking ranks every row's confidences
+and compares the ranks with a per-row n_t, so no step loops over images.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from sampler.latent_mask import latent_known_mask
+from sampler.schedules import gamma_func
+from utils.image import denormalize, to_uint8
+
+
+@dataclass
+class DecodeOutput:
+    """tokens [B, N]: the result. With keep_steps, per step: `step_tokens` [B, N] (that step's candidates in
+    every position still masked before it) and `step_masks` bool [B, N] (True = still masked after it)."""
+    tokens: torch.Tensor
+    step_tokens: list[torch.Tensor] = field(default_factory=list)
+    step_masks: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class InpaintOutput:
+    """images: uint8 [B, H, W, 3]; masked: the input in uint8; known_tokens: bool [B, N] (the latent mask,
+    True = known); decode: the tokens."""
+    images: np.ndarray
+    masked: np.ndarray
+    known_tokens: torch.Tensor
+    decode: DecodeOutput
+
+
+def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """Standard Gumbel noise drawn on the generator's device (so a CPU seed also drives CUDA runs)."""
+    u = torch.rand(shape, generator=generator, device=generator.device if generator is not None else device)
+    return -torch.log(-torch.log(u.clamp_(min=1e-20))).to(device)
+
+
+def _sample(logp: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw per row of log-probabilities [M, K] by inverse CDF: one uniform per row from `generator`."""
+    cdf = logp.exp().cumsum(dim=-1)
+    u = torch.rand(logp.shape[0], 1, generator=generator,
+                   device=generator.device if generator is not None else logp.device).to(logp.device)
+    # scaling by the total mass keeps u below the last CDF value; right=True never picks a zero-probability code
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=logp.shape[-1] - 1)
+
+
+@torch.inference_mode()
+def decode(transformer: nn.Module, tokens: torch.Tensor, masked: torch.Tensor, *, total_iter: int = 8,
+           gamma_type: str = "cosine", sweet_spot: int | None = None, temperature: float = 1.0,
+           choice_temperature: float = 4.5, argmax: bool = False, generator: torch.Generator | None = None,
+           bf16: bool = True, keep_steps: bool = False) -> DecodeOutput:
+    """Fill the `masked` (bool [B, N]) positions of `tokens` (LongTensor [B, N]) by the rule in the module docstring.
+
+    The transformer (in eval mode) needs `.mask_token_id` and `.num_codebook_vectors`. bf16 runs its forward under
+    autocast; the softmax, sampling and ranking are always fp32.
+    """
+    if total_iter < 1:
+        raise ValueError(f"total_iter must be >= 1, got {total_iter}")
+    steps = total_iter if sweet_spot is None else sweet_spot
+    if not 1 <= steps <= total_iter:
+        raise ValueError(f"sweet_spot must be in 1..{total_iter}, got {sweet_spot}")
+    gamma = gamma_func(gamma_type)
+    mask_id, k = transformer.mask_token_id, transformer.num_codebook_vectors
+    num_masked = masked.sum(dim=1).double()  # m_b
+    cur = masked.clone()
+    tokens = tokens.masked_fill(cur, mask_id)
+    step_tokens, step_masks = [], []
+    for t in range(steps):
+        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = transformer(tokens)
+        logp = (logits[cur][:, :k].float() / temperature).log_softmax(dim=-1)  # [M, K], masked rows only
+        cand = logp.argmax(dim=-1) if argmax else _sample(logp, generator)
+        filled = tokens.masked_scatter(cur, cand)
+        conf = torch.full(cur.shape, math.inf, device=tokens.device)
+        conf[cur] = logp.gather(1, cand[:, None]).squeeze(1)
+        if choice_temperature > 0:
+            conf += choice_temperature * (1 - t / total_iter) * gumbel_noise(cur.shape, generator, tokens.device)
+        n_t = torch.ceil(gamma((t + 1) / total_iter) * num_masked).long().to(tokens.device)
+        ranks = conf.argsort(dim=1, stable=True).argsort(dim=1)
+        cur = ranks < n_t[:, None]  # +inf ranks last and n_t <= the masked count, so only candidates re-mask
+        tokens = filled.masked_fill(cur, mask_id)
+        if keep_steps:
+            step_tokens.append(filled)
+            step_masks.append(cur)
+    return DecodeOutput(filled, step_tokens, step_masks)
+
+
+def tokens_to_uint8(model: nn.Module, tokens: torch.Tensor, base: np.ndarray | None = None,
+                    pixel_known: torch.Tensor | None = None, split: str = "test") -> np.ndarray:
+    """VQGAN-decode tokens [B, N] to uint8 [B, H, W, 3]; with `base` (uint8 [B, H, W, 3]) and `pixel_known`
+    (bool [B, 1, H, W]) the known pixels are pasted back from `base`, in uint8 so that they are exact."""
+    with torch.inference_mode():
+        images = to_uint8(denormalize(model.decode_tokens(tokens).float(), split))
+    if base is None:
+        return images
+    keep = pixel_known.reshape(base.shape[0], base.shape[1], base.shape[2], 1).cpu().numpy()
+    return np.where(keep, base, images)
+
+
+@torch.inference_mode()
+def inpaint(model: nn.Module, images: torch.Tensor, pixel_known: torch.Tensor, *, paste_back: bool = True,
+            split: str = "test", total_iter: int = 8, gamma_type: str | None = None,
+            choice_temperature: float | None = None, **decode_kwargs) -> InpaintOutput:
+    """Inpaint a batch: normalized masked images [B, 3, H, W] and pixel masks bool [B, 1, H, W] (True = known).
+
+    `model` is a MaskGit (vqgan, transformer, encode_to_z, decode_tokens); gamma_type and choice_temperature
+    default to its config; decode_kwargs (sweet_spot, temperature, argmax, generator, bf16, keep_steps) go to
+    decode. The VQGAN runs in fp32, once to encode and once to decode; step images are left to the caller.
+    """
+    known = latent_known_mask(pixel_known, model.vqgan.latent_resolution)
+    _, indices = model.encode_to_z(images)
+    result = decode(model.transformer, indices, ~known, total_iter=total_iter,
+                    gamma_type=gamma_type or model.gamma_type,
+                    choice_temperature=model.choice_temperature if choice_temperature is None else choice_temperature,
+                    **decode_kwargs)
+    # the masked input, back in uint8: normalize -> denormalize -> round is exact for every 8-bit value
+    masked = to_uint8(denormalize(images.float(), split))
+    images = tokens_to_uint8(model, result.tokens, masked if paste_back else None, pixel_known, split)
+    return InpaintOutput(images, masked, known, result)

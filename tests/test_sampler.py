@@ -1,0 +1,140 @@
+"""The batched inpainting decoder (sampler/maskgit_sampler.py) against its stated convention and the lab's loop."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from tiny_maskgit import make_tiny_setup
+
+from benchmarks.inpaint_throughput import brush_masks, lab_way_inpaint
+from models.VQGAN_Transformer import MaskGit, load_maskgit_config
+from sampler.latent_mask import latent_known_mask
+from sampler.maskgit_sampler import decode, inpaint, tokens_to_uint8
+from sampler.schedules import gamma_func
+from utils.image import denormalize, normalize, to_uint8, uint8_to_tensor
+
+T = 8
+FP32_ARGMAX = dict(bf16=False, argmax=True, choice_temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def maskgit(tmp_path_factory):
+    torch.manual_seed(0)
+    return MaskGit(load_maskgit_config(make_tiny_setup(tmp_path_factory.mktemp("tiny")).maskgit_config)).eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    """Four masked test images with different hole sizes: (normalized images, known pixels, masked uint8)."""
+    rng = np.random.default_rng(0)
+    raw = np.kron(rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), np.ones((1, 8, 8, 1), dtype=np.uint8))
+    known = brush_masks(4, seed=1)
+    known[1, :, 8:40, 8:56] = False  # a much larger hole
+    known[2, :, :, :32] = True       # a smaller one
+    masked = np.where(known.permute(0, 2, 3, 1).numpy(), raw, 128).astype(np.uint8)
+    return normalize(uint8_to_tensor(masked), "test"), known, masked
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_batched_argmax_fp32_equals_the_lab_way_per_image(maskgit, batch):
+    images, known, _ = batch
+    counts = (~latent_known_mask(known)).sum(1)
+    assert len(set(counts.tolist())) == 4  # the rows really differ in their number of masked tokens
+    ours = inpaint(maskgit, images, known, total_iter=T, **FP32_ARGMAX).decode.tokens
+    for b in range(4):
+        lab, decoded = lab_way_inpaint(maskgit, images[b:b + 1], known[b:b + 1], T, argmax=True, choice_temperature=0.0)
+        assert len(decoded) == T
+        assert torch.equal(ours[b:b + 1], lab)
+    # one image, with the Gumbel term on: both draw the same noise from the same seed
+    ours = inpaint(maskgit, images[:1], known[:1], total_iter=T, bf16=False, argmax=True, generator=gen(5))
+    lab, _ = lab_way_inpaint(maskgit, images[:1], known[:1], T, argmax=True, choice_temperature=4.5, generator=gen(5))
+    assert torch.equal(ours.decode.tokens, lab)
+
+
+def test_batch_with_different_masked_counts_equals_per_image_decoding(maskgit, batch):
+    images, known, _ = batch
+    masked = ~latent_known_mask(known)
+    _, indices = maskgit.encode_to_z(images)
+    together = decode(maskgit.transformer, indices, masked, gamma_type="square", **FP32_ARGMAX).tokens
+    for b in range(4):
+        alone = decode(maskgit.transformer, indices[b:b + 1], masked[b:b + 1], gamma_type="square", **FP32_ARGMAX)
+        assert torch.equal(together[b:b + 1], alone.tokens)
+
+
+@pytest.mark.parametrize("mode", ["cosine", "linear", "log"])
+def test_schedule_convention(maskgit, batch, mode):
+    images, known, _ = batch
+    out = inpaint(maskgit, images, known, total_iter=T, gamma_type=mode, generator=gen(), keep_steps=True)
+    masked0 = ~out.known_tokens
+    _, encoded = maskgit.encode_to_z(images)
+    gamma, m = gamma_func(mode), masked0.sum(1)
+    counts = torch.stack([mask.sum(1) for mask in out.decode.step_masks])  # [T, B]
+    expected = torch.tensor([[math.ceil(float(gamma((t + 1) / T)) * int(mb)) for mb in m] for t in range(T)])
+    assert torch.equal(counts, expected)
+    assert (counts[1:] <= counts[:-1]).all() and (counts[-1] == 0).all()
+    prev_mask = masked0
+    for tokens, mask in zip(out.decode.step_tokens, out.decode.step_masks):
+        assert torch.equal(tokens[~masked0], encoded[~masked0])       # known tokens never change
+        assert not (mask & ~prev_mask).any()                          # only still-masked tokens are re-masked
+        fixed = ~mask
+        assert torch.equal(tokens[fixed], out.decode.tokens[fixed])   # a fixed token stays fixed
+        assert (tokens < maskgit.mask_token_id).all()
+        prev_mask = mask
+    assert torch.equal(out.decode.tokens, out.decode.step_tokens[-1])
+
+
+def test_same_seed_same_pixels(maskgit, batch):
+    images, known, _ = batch
+    a = inpaint(maskgit, images, known, generator=gen(7))
+    b = inpaint(maskgit, images, known, generator=gen(7))
+    c = inpaint(maskgit, images, known, generator=gen(8))
+    assert np.array_equal(a.images, b.images) and torch.equal(a.decode.tokens, b.decode.tokens)
+    assert not torch.equal(a.decode.tokens, c.decode.tokens)
+
+
+def test_paste_back_is_exact_and_can_be_turned_off(maskgit, batch):
+    images, known, masked = batch
+    # the sampler recovers the uint8 input from the normalized one: exact for every 8-bit value and channel
+    values = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None, None], (1, 256, 1, 3))
+    assert np.array_equal(to_uint8(denormalize(normalize(uint8_to_tensor(values), "test"), "test")), values)
+    out = inpaint(maskgit, images, known, generator=gen())
+    keep = known.permute(0, 2, 3, 1).numpy()[..., 0]
+    assert np.array_equal(out.images[keep], masked[keep])
+    raw = inpaint(maskgit, images, known, generator=gen(), paste_back=False)
+    assert np.array_equal(raw.images, tokens_to_uint8(maskgit, raw.decode.tokens))
+    assert not np.array_equal(raw.images[keep], masked[keep])  # random weights do not reproduce the input
+    assert np.array_equal(raw.images[~keep], out.images[~keep])  # holes are the same decode either way
+
+
+def test_sweet_spot_takes_that_steps_tokens(maskgit, batch):
+    images, known, _ = batch
+    full = inpaint(maskgit, images, known, total_iter=T, generator=gen(3), keep_steps=True).decode
+    for s in (1, 3):
+        early = inpaint(maskgit, images, known, total_iter=T, sweet_spot=s, generator=gen(3), keep_steps=True).decode
+        assert len(early.step_tokens) == s
+        assert torch.equal(early.tokens, full.step_tokens[s - 1])
+        assert early.step_masks[-1].any()  # tokens were still masked: they hold that step's predictions
+        assert (early.tokens < maskgit.mask_token_id).all()
+    last = inpaint(maskgit, images, known, total_iter=T, sweet_spot=T, generator=gen(3)).decode
+    assert torch.equal(last.tokens, full.tokens)
+    with pytest.raises(ValueError, match="sweet_spot"):
+        inpaint(maskgit, images, known, total_iter=T, sweet_spot=T + 1)
+
+
+def test_no_hole_returns_the_input_and_all_hole_generates(maskgit, batch):
+    images, known, masked = batch
+    none = torch.ones_like(known)
+    out = inpaint(maskgit, images, none, generator=gen())
+    assert np.array_equal(out.images, masked)
+    assert torch.equal(out.decode.tokens, maskgit.encode_to_z(images)[1])
+    everything = torch.zeros_like(known)
+    out = inpaint(maskgit, images, everything, generator=gen(), keep_steps=True)
+    assert (~out.known_tokens).all()
+    assert out.decode.step_masks[0].sum(1).tolist() == [math.ceil(float(gamma_func("cosine")(1 / 8)) * 256)] * 4
+    assert (out.decode.tokens < maskgit.mask_token_id).all()
+    assert np.array_equal(out.images, tokens_to_uint8(maskgit, out.decode.tokens))  # nothing to paste back

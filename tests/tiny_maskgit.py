@@ -1,0 +1,58 @@
+"""A tiny MaskGIT setup written into a temporary folder: random VQGAN weights, configs and synthetic images.
+
+Shared by the stage-2 tests so that each of them runs in seconds on one CPU thread.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from models.VQGAN import VQGAN
+from utils.image import save_png
+
+REPO = Path(__file__).resolve().parents[1]
+
+# the smallest VQGAN with 32-group GroupNorm for 64x64 -> 16x16 (two resamples); thinner ones (fewer groups)
+# give random weights that map most patches to one or two codes, which leaves nothing to learn
+TINY_VQGAN = {"image_channels": 3, "enc_channels": [32, 64, 96], "dec_channels": [32, 64, 96], "latent_dim": 16,
+              "img_resolution": 64, "latent_resolution": 16, "num_codebook_vectors": 32, "beta": 0.25}
+TINY_TRANSFORMER = {"num_image_tokens": 256, "num_codebook_vectors": 32, "dim": 32, "n_layers": 2, "hidden_dim": 64,
+                    "num_heads": 4}
+
+
+@dataclass
+class TinySetup:
+    root: Path
+    vq_config: Path
+    vq_ckpt: Path
+    maskgit_config: Path
+    train_dir: Path
+    val_dir: Path
+
+
+def write_images(folder: Path, n: int, seed: int) -> None:
+    """Blocky random colour images: distinct per image, so that their tokens differ."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        blocks = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+        save_png(np.kron(blocks, np.ones((8, 8, 1), dtype=np.uint8)), folder / f"image_{i:05d}.png")
+
+
+def make_tiny_setup(root: Path, n_train: int = 8, n_val: int = 4, seed: int = 0) -> TinySetup:
+    root.mkdir(parents=True, exist_ok=True)
+    vq_config, vq_ckpt, maskgit_config = root / "VQGAN_tiny.yml", root / "VQGAN.pt", root / "MaskGit_tiny.yml"
+    vq_config.write_text(yaml.safe_dump({"model_param": TINY_VQGAN}))
+    torch.manual_seed(seed)
+    torch.save(VQGAN(TINY_VQGAN).state_dict(), vq_ckpt)
+    maskgit_config.write_text(yaml.safe_dump({"model_param": {
+        "VQ_Configs": {"VQ_config_path": str(vq_config), "VQ_CKPT_path": str(vq_ckpt)},
+        "num_image_tokens": 256, "num_codebook_vectors": 32, "choice_temperature": 4.5, "gamma_type": "cosine",
+        "Transformer_param": TINY_TRANSFORMER}}))
+    write_images(root / "train", n_train, seed)
+    write_images(root / "val", n_val, seed + 1)
+    return TinySetup(root, vq_config, vq_ckpt, maskgit_config, root / "train", root / "val")

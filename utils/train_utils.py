@@ -1,0 +1,274 @@
+"""Helpers shared by the training scripts: errors and exit codes, seeding, AMP, LR schedule, EMA, DDP, signals.
+
+Exit codes of every training script: 0 done, 1 stopped by a non-finite loss, 2 user error, 130 interrupted.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import math
+import os
+import random
+import signal
+import sys
+import tempfile
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from utils.checkpoint import CheckpointError
+from utils.config import ConfigError
+
+EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class UserError(ValueError):
+    """Bad flags or inputs; the message is one line saying what to do."""
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended early on purpose (interrupt, non-finite loss); carries the process exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+USER_ERRORS = (UserError, ConfigError, CheckpointError)
+
+
+def run_cli(fn: Callable[[], Any], debug: bool = False) -> int:
+    """Run a script's body and map its outcome to an exit code; tracebacks only with --debug.
+
+    Under torchrun only rank 0 prints the message (every rank exits with the same code).
+    """
+    def report(message: str) -> None:
+        if os.environ.get("RANK", "0") == "0":
+            print(message, file=sys.stderr)
+    try:
+        fn()
+        return 0
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        report(f"error: {e}")
+        return EXIT_USER_ERROR
+    except TrainingStopped as e:
+        report(str(e))
+        return e.exit_code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        report("interrupted")
+        return EXIT_INTERRUPTED
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def autocast(device: torch.device, amp: str) -> AbstractContextManager:
+    """bf16 autocast ('bf16') or nothing ('none'); bf16 needs no loss scaling on CPU or CUDA."""
+    if amp == "none":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR multiplier for LambdaLR: linear warm-up to 1 over `warmup_steps`, then cosine to 0 at `total_steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
+class EMA:
+    """Exponential moving average of a model's weights; `module` is the averaged copy (eval mode, no grads).
+
+    The effective decay ramps up as min(decay, (1+n)/(10+n)) so that short runs are not dominated by the
+    random initialization. Buffers are copied, not averaged.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.num_updates = 0
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.num_updates += 1
+        d = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        ema_params = [p for p in self.module.parameters()]
+        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - d)
+        for b_ema, b in zip(self.module.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.num_updates = state["num_updates"]
+
+
+@dataclass
+class DistEnv:
+    """Where this process stands in a (possibly single-process) run."""
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def setup_distributed(device: str, timeout_minutes: int = 180) -> DistEnv:
+    """Join the torchrun process group when launched by torchrun (RANK set), else a single process.
+
+    nccl on CUDA (each rank takes cuda:LOCAL_RANK), gloo on CPU. The long timeout covers rank 0 doing slow
+    one-off work (building a cache on a CPU) while the others wait.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    if "RANK" not in os.environ:
+        if dev.type == "cuda":
+            dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
+            torch.cuda.set_device(dev)
+        return DistEnv(0, 1, dev)
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+        dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=dev,
+                                timeout=timedelta(minutes=timeout_minutes))
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=timeout_minutes))
+    return DistEnv(rank, world_size, dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def on_main_then_share(env: DistEnv, fn: Callable[[], Any]) -> None:
+    """Run `fn` on rank 0 while the other ranks wait; a user error on rank 0 is raised on every rank.
+
+    Used for one-off work whose result lands on disk (a cache), so that a failure never leaves ranks hanging.
+    """
+    error = None
+    if env.is_main:
+        try:
+            fn()
+        except USER_ERRORS as e:
+            error = str(e)
+    if env.distributed:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise UserError(error)
+
+
+def all_reduce_sum(values: Sequence[float], env: DistEnv) -> list[float]:
+    """Sum a few floats over ranks (one collective); identity in a single process."""
+    if not env.distributed:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_object(obj: Any, env: DistEnv) -> list[Any]:
+    """Every rank's `obj` (plain data and tensors), in rank order.
+
+    Objects travel as torch.save bytes: tensors pickled directly by dist.all_gather_object fail to unpickle
+    in recent torch versions (UntypedStorage has no dtype).
+    """
+    if not env.distributed:
+        return [obj]
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, buf.getvalue())
+    return [torch.load(io.BytesIO(b), map_location="cpu", weights_only=True) for b in out]
+
+
+class GracefulInterrupt:
+    """Within the `with` block, the first SIGINT/SIGTERM only sets `requested` so the loop can save and stop
+    at a step boundary; a second one raises KeyboardInterrupt at once."""
+
+    def __init__(self, verbose: bool = True) -> None:
+        self.requested = False
+        self.verbose = verbose
+        self._old: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.verbose:
+            print(f"\n{signal.Signals(signum).name} received: saving a training state after this step "
+                  "(send it again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "GracefulInterrupt":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    """Write a small text file (a log, a config copy) so that readers never see half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a log is for everyone to read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class CSVLog:
+    """A per-epoch CSV log rewritten atomically on every row; on resume, rows after the resumed epoch are dropped."""
+
+    def __init__(self, path: str | Path, fields: Sequence[str], keep_until_epoch: int | None = None) -> None:
+        self.path = Path(path)
+        self.fields = list(fields)
+        self.lines = [",".join(self.fields)]
+        if keep_until_epoch is not None and self.path.is_file():
+            old = self.path.read_text().splitlines()
+            if old and old[0] == self.lines[0]:
+                self.lines += [ln for ln in old[1:] if ln and int(ln.split(",")[0]) <= keep_until_epoch]
+
+    def write(self, row: dict[str, Any]) -> None:
+        def fmt(v: Any) -> str:
+            return f"{v:.6g}" if isinstance(v, float) else str(v)
+        self.lines.append(",".join(fmt(row[f]) for f in self.fields))
+        atomic_write_text("\n".join(self.lines) + "\n", self.path)

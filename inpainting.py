@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +24,14 @@ from tqdm import tqdm
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config, resolve_path
 from sampler.maskgit_sampler import InpaintOutput, inpaint, tokens_to_uint8
 from sampler.schedules import GAMMAS
+from utils.checkpoint import ensure_writable_dir
 from utils.data import InpaintingTestSet, read_gt_csv
 from utils.image import read_rgb, save_png
+from utils.train_utils import close_progress_bars
 
 DEFAULT_CKPT = "./transformer_checkpoints/transformer_last.pt"
 TILE_PAD = 2  # gray border between the steps of a visualisation strip
+RESULT_NAME = "image_{:03d}.png"  # test_results/ file of test image i, the lab's name
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -114,6 +118,21 @@ def strip(tiles: np.ndarray) -> np.ndarray:
     return np.concatenate(list(padded), axis=1)
 
 
+def step_tiles(model: MaskGit, result: InpaintOutput, rows: list[int], known: torch.Tensor,
+               paste_back: bool) -> tuple[np.ndarray, np.ndarray]:
+    """For the batch rows `rows` of a keep_steps result: uint8 tiles [R, S, H, W, 3] of the latent mask after every
+    step (white = known, upscaled to the image size) and of the image decoded at every step."""
+    steps, size = len(result.decode.step_tokens), result.masked.shape[1]
+    tokens = torch.stack(result.decode.step_tokens)[:, rows].flatten(0, 1)  # [S*R, N], step-major
+    base = np.tile(result.masked[rows], (steps, 1, 1, 1)) if paste_back else None
+    images = tokens_to_uint8(model, tokens, base, known[rows].repeat(steps, 1, 1, 1))
+    images = images.reshape(steps, len(rows), *images.shape[1:]).swapaxes(0, 1)
+    res = model.vqgan.latent_resolution
+    masks = ~torch.stack(result.decode.step_masks)[:, rows].view(steps, len(rows), res, res).cpu().numpy()
+    masks = np.kron(masks.swapaxes(0, 1), np.ones((1, 1, size // res, size // res), dtype=bool))
+    return np.repeat(masks[..., None] * np.uint8(255), 3, axis=-1), images
+
+
 def save_visualisations(out_dir: Path, model: MaskGit, result: InpaintOutput, rows: list[int], names: list[int],
                         known: torch.Tensor, paste_back: bool) -> None:
     """For each batch row in `rows`: imga/test_i.png (masked input, then every step's image) and
@@ -139,7 +158,11 @@ def run(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} {folder}: folder not found; prepare the dataset or pass the right folder")
     cfg = load_maskgit_config(args.MaskGitConfig)
     ckpt = resolve_path(args.load_transformer_ckpt_path or cfg.get("transformer_ckpt") or DEFAULT_CKPT)
-    dataset = InpaintingTestSet(args.test_maskedimage_path, args.test_mask_path, split="test")
+    with warnings.catch_warnings(record=True) as caught:  # one line each, not Python's two-line format
+        warnings.simplefilter("always")
+        dataset = InpaintingTestSet(args.test_maskedimage_path, args.test_mask_path, split="test")
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     n = math.ceil(args.partial * len(dataset))
     gt_path = None if args.no_fid else find_gt(args)
     gt = load_gt(gt_path) if gt_path is not None else None
@@ -150,9 +173,9 @@ def run(args: argparse.Namespace) -> None:
     model = MaskGit(cfg).to(device).eval()
     model.load_transformer_checkpoint(ckpt)
     generator = torch.Generator(device).manual_seed(args.seed)
-    out_dir = Path(args.output_dir)
+    out_dir = ensure_writable_dir(args.output_dir, "--output-dir")
     for name in ("test_results", "mask_scheduling", "imga"):
-        (out_dir / name).mkdir(parents=True, exist_ok=True)
+        (out_dir / name).mkdir(exist_ok=True)
 
     loader = DataLoader(Subset(dataset, range(n)), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers)
@@ -166,11 +189,16 @@ def run(args: argparse.Namespace) -> None:
                          choice_temperature=args.choice_temperature, argmax=args.argmax, generator=generator,
                          bf16=not args.fp32, keep_steps=bool(rows))
         for r, i in enumerate(index):
-            save_png(result.images[r], out_dir / "test_results" / f"image_{i:03d}.png")
+            save_png(result.images[r], out_dir / "test_results" / RESULT_NAME.format(i))
         if rows:
             save_visualisations(out_dir, model, result, rows, [index[r] for r in rows], known, not args.no_paste_back)
         predictions.append(result.images)
     print(f"wrote {n} images to {out_dir / 'test_results'}")
+    written = {RESULT_NAME.format(i) for i in range(n)}
+    older = sorted(p.name for p in (out_dir / "test_results").glob("*.png") if p.name not in written)
+    if older:  # e.g. from an earlier run without --partial: an FID over the folder would count them
+        print(f"warning: {out_dir / 'test_results'} also holds {len(older)} older images (first: {older[0]}); "
+              "remove them before computing FID on that folder", file=sys.stderr)
     if gt is not None:
         from utils.fid import fid_from_arrays  # Inception is loaded only when there is something to score
 
@@ -181,11 +209,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         run(args)
-    except (ValueError, OSError) as e:  # config, checkpoint, data and FID errors all say what to do
+    except (ValueError, OSError) as e:  # config, checkpoint, data, output and FID errors all say what to do
         if args.debug:
             raise
+        close_progress_bars()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # every image written so far is complete (save_png is atomic)
+        if args.debug:
+            raise
+        close_progress_bars()
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

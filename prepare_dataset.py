@@ -30,6 +30,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
+from utils.checkpoint import ensure_writable_dir
 from utils.data import write_gt_csv
 from utils.image import HOLE_GRAY, IMAGE_SIZE, read_rgb, save_png
 
@@ -296,6 +297,7 @@ def build(args: argparse.Namespace) -> None:
                            "near_dup_cosine": NEAR_DUP_COSINE, "hole_ratio": list(HOLE_RATIO)}}
     if output.exists() and not output.is_dir():
         raise DatasetError(f"{output}: exists and is not a folder; choose another --output")
+    ensure_writable_dir(output.parent, "--output")  # the dataset is built beside it, then renamed into place
     if not args.force and check_existing(output, manifest):
         print(f"{output} is up to date ({MANIFEST} matches the source and flags); nothing to do")
         return
@@ -354,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # build() has removed its half-built folder; any previous dataset is untouched
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -13,13 +13,13 @@ image (r ~ U(0,1)) and minimizes the cross-entropy on the masked positions.
 Outputs in --checkpoint-path: transformer_epoch_N.pt and transformer_last.pt (EMA weights, plain state_dicts as
 the lab's inpainting loads them), transformer_raw_last.pt (raw weights), training_state.pt (everything --resume
 needs), log.csv, a copy of the config, token_cache.pt (unless --token-cache points elsewhere).
-Exit codes: 0 done (or --max-steps reached), 1 non-finite loss, 2 user error, 130 interrupted after saving a state.
+Exit codes: 0 done (or --max-steps reached), 1 non-finite loss or weights (nothing saved after it), 2 user error
+(one line; --debug for a traceback), 130 interrupted (Ctrl-C/SIGTERM) after saving a state that --resume continues.
 """
 from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -32,13 +32,13 @@ from tqdm import tqdm
 
 from models.Transformer import BidirectionalTransformer
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config, mask_tokens, masked_correct, mvtm_loss, resolve_path
-from utils.checkpoint import (TRAINING_STATE_TAG, atomic_save, load_state_dict_strict, load_training_state,
-                              load_weights, rng_state, set_rng_state)
+from utils.checkpoint import (TRAINING_STATE_TAG, atomic_save, ensure_writable_dir, load_state_dict_strict,
+                              load_training_state, load_weights, rng_state, set_rng_state)
 from utils.token_cache import ensure_token_cache, load_token_cache
-from utils.train_utils import (EMA, EXIT_DIVERGED, EXIT_INTERRUPTED, CSVLog, DistEnv, GracefulInterrupt,
-                               TrainingStopped, UserError, all_gather_object, all_reduce_sum, autocast,
-                               cleanup_distributed, on_main_then_share, run_cli, seed_everything, setup_distributed,
-                               warmup_cosine)
+from utils.train_utils import (EMA, EXIT_INTERRUPTED, CSVLog, DistEnv, GracefulInterrupt, TrainingStopped,
+                               UserError, all_gather_object, all_reduce_sum, atomic_write_text, autocast,
+                               check_finite_weights, cleanup_distributed, diverged, on_main_then_share, run_cli,
+                               seed_everything, setup_distributed, warmup_cosine)
 
 LOG_FIELDS = ["epoch", "step", "train_loss", "val_loss", "val_acc", "lr", "seconds"]
 # flags that shape the sequence of batches; --resume refuses to continue a run with different values
@@ -144,7 +144,6 @@ def train(args: argparse.Namespace) -> tuple[BidirectionalTransformer, Bidirecti
 def _train(args: argparse.Namespace, env: DistEnv) -> tuple[BidirectionalTransformer, BidirectionalTransformer] | None:
     out = Path(args.checkpoint_path)
     say = print if env.is_main else (lambda *a, **k: None)
-    torch.autograd.set_detect_anomaly(args.detect_anomaly)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     seed_everything(args.seed)  # the same initial weights on every rank
@@ -159,6 +158,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> tuple[BidirectionalTransfo
                                 f"now {getattr(args, flag)}; pass the same value")
         if state["world_size"] != env.world_size:
             raise UserError(f"--resume: the saved run used {state['world_size']} processes, now {env.world_size}")
+    ensure_writable_dir(out, "--checkpoint-path")
 
     # ---- model: the frozen VQGAN (only to build the token cache) and the transformer
     cfg = load_maskgit_config(args.MaskGitConfig)
@@ -223,21 +223,22 @@ def _train(args: argparse.Namespace, env: DistEnv) -> tuple[BidirectionalTransfo
         say(f"note: starting a new run in {out}; pass --resume to continue the saved one instead")
     log = CSVLog(out / "log.csv", LOG_FIELDS, keep_until_epoch=epoch if (args.resume or args.start_from_epoch) else None)
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         config_copy = out / Path(args.MaskGitConfig).name
         if config_copy.resolve() != Path(args.MaskGitConfig).resolve():
-            shutil.copyfile(args.MaskGitConfig, config_copy)
+            atomic_write_text(Path(args.MaskGitConfig).read_text(), config_copy)
     say(f"transformer {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params | {len(train_tokens)} train "
         f"sequences (with flips), {len(val_target)} val | {env.world_size} process(es) x batch {args.batch_size} x "
         f"accum {args.accum_grad} | {steps_per_epoch} steps/epoch, {total_steps} total | device {env.device}")
 
     def save_weights(tag: str, raw: bool) -> None:
+        check_finite_weights(model, step, state_path)
         if env.is_main:
             atomic_save(weights(ema.module), out / f"transformer_{tag}.pt")
             if raw:
                 atomic_save(weights(model), out / f"transformer_raw_{tag}.pt")
 
     def save_state() -> None:
+        check_finite_weights(model, step, state_path)
         rngs = all_gather_object(rng_state(), env)  # every rank's RNG, so a resume replays all ranks exactly
         if env.is_main:
             atomic_save({"format": TRAINING_STATE_TAG, "model": weights(model), "ema": ema.state_dict(),
@@ -273,10 +274,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> tuple[BidirectionalTransfo
                 total, interrupted = all_reduce_sum([step_loss.item(), float(interrupt.requested)], env)
                 mean_loss = total / env.world_size
                 if not math.isfinite(mean_loss):
-                    raise TrainingStopped(
-                        f"error: the training loss is {mean_loss} at step {step + 1} (epoch {epoch + 1}); stopped "
-                        f"without saving, the last good checkpoint in {out} is kept; resume from it with a lower "
-                        f"--learning-rate", EXIT_DIVERGED)
+                    raise diverged(f"the training loss is {mean_loss}", step + 1, state_path)
                 if args.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 optimizer.step()
@@ -317,7 +315,8 @@ def _train(args: argparse.Namespace, env: DistEnv) -> tuple[BidirectionalTransfo
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_cli(lambda: train(args), debug=args.debug)
+    with torch.autograd.set_detect_anomaly(args.detect_anomaly):  # restored afterwards, for in-process callers
+        return run_cli(lambda: train(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ starts from encoder outputs, so the 1024 codes stay in use.
     python training_vqgan.py ... --resume        # continue from checkpoints/VQGAN_small/training_state.pt
 
 Writes VQGAN.pt (a plain fp16 state_dict that VQGAN(cfg) loads strictly), VQGAN.yml (the config that made
-it), training_state.pt (model, discriminator, optimizers, step, RNG) and log.csv (one row per epoch).
+it), training_state.pt (model, discriminator, optimizers, step, RNG) and log.csv (one row per completed epoch).
+Exit codes: 0 done, 1 non-finite loss or weights (nothing saved after it), 2 user error (one line; --debug for a
+traceback), 130 interrupted by Ctrl-C/SIGTERM after saving a training state that --resume continues exactly.
 """
 from __future__ import annotations
 
 import argparse
-import math
-import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -25,12 +26,14 @@ from tqdm import tqdm
 
 from models.VQGAN import VQGAN, load_vqgan_config
 from models.VQGAN.discriminator import Discriminator
-from utils.checkpoint import (TRAINING_STATE_TAG, atomic_save, load_training_state, rng_state, set_rng_state)
+from utils.checkpoint import (TRAINING_STATE_TAG, atomic_save, ensure_writable_dir, load_state_dict_strict,
+                              load_training_state, rng_state, set_rng_state)
 from utils.config import load_config
 from utils.data import ImageFolderDataset
 from utils.image import denormalize, normalize, uint8_to_tensor
-from utils.train_utils import (EXIT_DIVERGED, EXIT_INTERRUPTED, CSVLog, GracefulInterrupt, TrainingStopped,
-                               UserError, autocast, run_cli, seed_everything)
+from utils.train_utils import (EXIT_INTERRUPTED, CSVLog, GracefulInterrupt, TrainingStopped, UserError,
+                               atomic_write_text, autocast, check_finite_weights, diverged, run_cli,
+                               seed_everything)
 
 TRAIN_DEFAULTS = dict(batch_size=32, learning_rate=2e-4, betas=[0.5, 0.9], weight_decay=0.0, l1_weight=1.0,
                       l2_weight=1.0, disc_start=4000, disc_weight=0.1, disc_base_channels=64, dead_code_window=200)
@@ -101,7 +104,7 @@ def adaptive_gan_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer
     return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4).detach()
 
 
-def main(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     cfg = load_config(args.config)
     model_cfg = load_vqgan_config(args.config)
     tp = {**TRAIN_DEFAULTS, **(cfg.get("train_param") or {})}
@@ -115,7 +118,9 @@ def main(args: argparse.Namespace) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available; use --device cpu")
     out = Path(args.checkpoint_path)
-    torch.autograd.set_detect_anomaly(args.detect_anomaly)
+    state_path = out / "training_state.pt"
+    state = load_training_state(state_path) if args.resume else None  # a bad --resume fails before any work
+    ensure_writable_dir(out, "--checkpoint-path")
     seed_everything(args.seed)
 
     train = load_images(args.train_d_path, "train", device)
@@ -134,30 +139,30 @@ def main(args: argparse.Namespace) -> None:
                               weight_decay=tp["weight_decay"])
     K = model.num_codebook_vectors
     last_used = torch.zeros(K, dtype=torch.long)
-    step, epoch = 0, 0
-    state_path = out / "training_state.pt"
-    if args.resume:
-        state = load_training_state(state_path)
-        model.load_state_dict(state["model"])
-        disc.load_state_dict(state["disc"])
+    step, epoch, sums, n = 0, 0, torch.zeros(2), 0
+    if state is not None:
+        load_state_dict_strict(model, state["model"], source=str(state_path))
+        load_state_dict_strict(disc, state["disc"], source=str(state_path))
         opt.load_state_dict(state["opt"])
         opt_d.load_state_dict(state["opt_d"])
         last_used, step, epoch = state["last_used"], state["step"], state["epoch"]
+        sums, n = state.get("epoch_sums", (sums, n))  # the running loss of a resumed epoch, for its log row
         set_rng_state(state["rng"])
         print(f"resumed from {state_path}: epoch {epoch}, step {step}")
     else:
         with torch.no_grad():  # codebook starts on encoder outputs: no code is born dead
             z = model.encode_continuous(train[torch.randperm(len(train))[:64]]).permute(0, 2, 3, 1).reshape(-1, model.latent_dim)
             model.codebook.restart_dead_codes(z, torch.ones(K, dtype=torch.bool))
-    out.mkdir(parents=True, exist_ok=True)
     if not (out / "VQGAN.yml").exists() or not args.resume:
-        shutil.copyfile(args.config, out / "VQGAN.yml")
+        atomic_write_text(Path(args.config).read_text(), out / "VQGAN.yml")
     log = CSVLog(out / "log.csv", LOG_FIELDS, keep_until_epoch=epoch if args.resume else None)
 
     def save(weights_too: bool) -> None:
+        check_finite_weights(model, step, state_path)
         atomic_save({"format": TRAINING_STATE_TAG, "model": model.state_dict(), "disc": disc.state_dict(),
                      "opt": opt.state_dict(), "opt_d": opt_d.state_dict(), "last_used": last_used,
-                     "step": step, "epoch": epoch, "rng": rng_state(), "config": cfg}, state_path)
+                     "step": step, "epoch": epoch, "epoch_sums": (sums, n), "rng": rng_state(), "config": cfg},
+                    state_path)
         if weights_too:
             atomic_save({k: v.half() for k, v in model.state_dict().items()}, out / "VQGAN.pt")
 
@@ -167,7 +172,7 @@ def main(args: argparse.Namespace) -> None:
             # the permutation of each epoch comes from (seed, epoch): a resumed epoch replays the same order
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
             start_in_epoch = step - epoch * steps_per_epoch
-            sums, n, t_epoch = torch.zeros(2), 0, time.time()
+            t_epoch, n_start, completed = time.time(), n, False
             bar = tqdm(range(start_in_epoch, steps_per_epoch), desc=f"epoch {epoch}", leave=False)
             for i in bar:
                 x = train[order[i * bs:(i + 1) * bs]]
@@ -185,9 +190,7 @@ def main(args: argparse.Namespace) -> None:
                         loss = loss + tp["disc_weight"] * adaptive_gan_weight(
                             rec_loss, g_loss, model.last_layer_weight()) * g_loss
                 if not torch.isfinite(loss):
-                    raise TrainingStopped(f"non-finite loss ({loss.item()}) at step {step}: stopped; the last good "
-                                          f"checkpoint is {state_path} (lower --learning-rate, or --detect-anomaly "
-                                          "to find the op)", EXIT_DIVERGED)
+                    raise diverged(f"the training loss is {loss.item()}", step + 1, state_path)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -215,20 +218,27 @@ def main(args: argparse.Namespace) -> None:
                 if out_of_time or (args.max_steps is not None and step >= args.max_steps):
                     break
             else:
-                epoch += 1
+                epoch, completed = epoch + 1, True
             seconds = time.time() - t_epoch
             metrics = validate(model, val, bs, args.amp)
             row = {"epoch": epoch, "step": step, "train_rec_loss": (sums[0] / max(n, 1)).item(),
                    "train_q_loss": (sums[1] / max(n, 1)).item(), **metrics,
-                   "images_per_s": n * bs / max(seconds, 1e-9), "seconds": seconds}
-            log.write(row)
+                   "images_per_s": (n - n_start) * bs / max(seconds, 1e-9), "seconds": seconds}
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            if completed:  # a stopped epoch gets its row when --resume completes it, as in an uninterrupted run
+                log.write(row)
+                sums, n = torch.zeros(2), 0
             save(weights_too=True)
             if args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes:
                 break
     print(f"done: {out / 'VQGAN.pt'} after {step} steps ({(time.time() - t_start) / 60:.1f} min)")
 
 
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with torch.autograd.set_detect_anomaly(args.detect_anomaly):  # restored afterwards, for in-process callers
+        return run_cli(lambda: run(args), debug=args.debug)
+
+
 if __name__ == "__main__":
-    arguments = parse_args()
-    raise SystemExit(run_cli(lambda: main(arguments), debug=arguments.debug))
+    sys.exit(main())

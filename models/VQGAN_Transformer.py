@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 from models.Transformer import BidirectionalTransformer
 from models.VQGAN import VQGAN, load_vqgan, load_vqgan_config
-from sampler.schedules import gamma_func
+from sampler.schedules import GAMMAS, gamma_func
 from utils.checkpoint import CheckpointError, load_state_dict_strict, load_weights
-from utils.config import ConfigError, load_config
+from utils.config import ConfigError, load_config, require_keys, require_positive_ints
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_PARAM_KEYS = ["VQ_Configs", "num_image_tokens", "num_codebook_vectors", "choice_temperature", "gamma_type",
@@ -33,11 +33,15 @@ def load_maskgit_config(path: str | Path) -> dict[str, Any]:
     """The `model_param` section of a MaskGit YAML config, checked for every key the model needs."""
     cfg = load_config(path, required={"model_param": MODEL_PARAM_KEYS})["model_param"]
     for section, keys in (("VQ_Configs", ["VQ_config_path", "VQ_CKPT_path"]), ("Transformer_param", TRANSFORMER_KEYS)):
-        block = cfg[section]
-        missing = [k for k in keys if not isinstance(block, dict) or k not in block]
-        if missing:
-            raise ConfigError(f"{path}: missing key 'model_param.{section}.{missing[0]}'; see configs/MaskGit.yml")
+        require_keys(cfg[section], keys, f"model_param.{section}", path)
     tp = cfg["Transformer_param"]
+    require_positive_ints(cfg, ["num_image_tokens", "num_codebook_vectors"], "model_param", path)
+    require_positive_ints(tp, TRANSFORMER_KEYS + ["num_heads"], "model_param.Transformer_param", path)
+    if tp["dim"] % tp.get("num_heads", 16):
+        raise ConfigError(f"{path}: model_param.Transformer_param.dim ({tp['dim']}) must be a multiple of num_heads "
+                          f"({tp.get('num_heads', 16)})")
+    if cfg["gamma_type"] not in GAMMAS:
+        raise ConfigError(f"{path}: model_param.gamma_type is {cfg['gamma_type']!r}; choose one of {', '.join(GAMMAS)}")
     for key in ("num_image_tokens", "num_codebook_vectors"):
         if tp[key] != cfg[key]:
             raise ConfigError(f"{path}: model_param.{key} ({cfg[key]}) differs from Transformer_param.{key} "

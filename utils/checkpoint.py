@@ -5,11 +5,13 @@ and *training state* (a dict tagged TRAINING_STATE_TAG holding model, optimizer,
 """
 from __future__ import annotations
 
+import glob
 import os
 import random
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -21,24 +23,85 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used as asked; the message says what to do."""
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then rename over `path`.
+class OutputError(OSError):
+    """An output that cannot be written (folder missing or not writable, disk full); the message says what to do."""
 
-    A crash at any moment leaves either the old file or the new one, never a truncated one.
+
+class _RecordingWriter:
+    """File wrapper that keeps the OSError of a failed write: torch.save reports it as an opaque RuntimeError."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], durable: bool = True) -> None:
+    """Call write(f) on a temporary file in the same folder, fsync (if `durable`), then rename it over `path`.
+
+    A crash at any moment leaves either the old file or the new one, never a truncated one (at worst a hidden
+    `.NAME.*.tmp` beside it). A write that fails (disk full, folder not writable) raises OutputError and leaves
+    the old file untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"{path.parent}: cannot create files there ({e.strerror or e}); "
+                          "choose a writable folder") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; checkpoints are meant to be shared
+            if durable:
+                os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write ({e.strerror or e}); free some disk space or choose another "
+                          f"folder (an existing {path.name} is left unchanged)") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save through atomic_write: a checkpoint on disk is always complete. The temporary file of a run
+    killed while writing `path` (as large as the checkpoint) is removed by the next successful save."""
+    def write(f: BinaryIO) -> None:
+        writer = _RecordingWriter(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise writer.error from None
+    atomic_write(path, write)
+    path = Path(path)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def ensure_writable_dir(path: str | Path, flag: str) -> Path:
+    """Create the output folder `path` and check that files can be made in it, so that a bad output folder
+    fails at once in one line instead of after hours of work."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise OutputError(f"{flag} {path}: cannot write there ({e.strerror or e}); choose a writable folder") from None
+    return path
 
 
 def _load(path: str | Path, weights_only: bool = True) -> Any:
@@ -57,12 +120,29 @@ def is_training_state(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == TRAINING_STATE_TAG
 
 
+def _has_training_state_tag(path: str | Path) -> bool:
+    """Whether the pickle inside a torch zip file holds TRAINING_STATE_TAG: read as bytes, never unpickled, since
+    weights_only loading refuses the RNG states a training state carries."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return any(name.endswith("/data.pkl") and TRAINING_STATE_TAG.encode() in zf.read(name)
+                       for name in zf.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a plain state_dict; refuses a training-state file with a pointer to the right flag."""
-    obj = _load(path)
+    wrong_kind = CheckpointError(f"{path}: this is a training-state file, not a weights file; pass the weights file "
+                                 "saved beside it (or resume training from it with the resume flag)")
+    try:
+        obj = _load(path)
+    except CheckpointError:
+        if _has_training_state_tag(path):
+            raise wrong_kind from None
+        raise
     if is_training_state(obj):
-        raise CheckpointError(f"{path}: this is a training-state file, not a weights file; pass the weights file "
-                              "saved beside it (or resume training from it with the resume flag)")
+        raise wrong_kind
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state_dict of tensors; pass a weights file")
     return obj

@@ -1,6 +1,7 @@
 """YAML config loading with one clear line for a missing file or key."""
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,29 @@ def load_config(path: str | Path, required: dict[str, list[str]] | None = None) 
     if not isinstance(cfg, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     for section, keys in (required or {}).items():
-        block = cfg if section == "" else cfg.get(section)
-        if not isinstance(block, dict):
-            raise ConfigError(f"{path}: missing section '{section}'")
-        for key in keys:
-            if key not in block:
-                where = f"'{section}.{key}'" if section else f"'{key}'"
-                raise ConfigError(f"{path}: missing key {where}; see configs/ for a complete example")
+        require_keys(cfg if section == "" else cfg.get(section), keys, section, path)
     return cfg
+
+
+def require_keys(block: Any, keys: list[str], section: str, path: str | Path) -> None:
+    """ConfigError naming the first of `keys` missing from the mapping `block` (at `section`, dotted), with a
+    spelling hint when a key present there is close to it: a typo reads as a missing key otherwise."""
+    if not isinstance(block, dict):
+        raise ConfigError(f"{path}: missing section '{section}'")
+    for key in keys:
+        if key not in block:
+            near = difflib.get_close_matches(key, [k for k in block if isinstance(k, str) and k not in keys], n=1)
+            hint = f" ('{near[0]}' looks like a misspelling of it)" if near else ""
+            name = f"{section}.{key}" if section else key
+            raise ConfigError(f"{path}: missing key '{name}'{hint}; see configs/ for a complete example")
+
+
+def require_positive_ints(block: dict[str, Any], keys: list[str], section: str, path: str | Path) -> None:
+    """ConfigError for a size among `keys` (those present) that is not a positive whole number or a list of them:
+    256.0, "256" or -1 would otherwise fail deep inside the model's construction."""
+    for key in keys:
+        value = block.get(key, 1)
+        items = value if isinstance(value, list) and value else [value]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items):
+            raise ConfigError(f"{path}: '{section}.{key}' is {value!r}; it must be a positive whole number "
+                              f"(or a list of them for channel lists)")

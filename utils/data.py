@@ -5,6 +5,7 @@ uint8 array: ~90 MB for the 7k training images, and no PNG decoding in the train
 """
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -29,9 +30,9 @@ def _png_files(folder: str | Path, what: str) -> list[Path]:
     return files
 
 
-def _read_all(files: list[Path], desc: str) -> np.ndarray:
+def _read_all(files: list[Path], desc: str, gray_ok: bool = True) -> np.ndarray:
     bar = tqdm(files, desc=desc, unit="img", leave=False, mininterval=1, delay=1)
-    return np.stack([read_rgb(f) for f in bar])
+    return np.stack([read_rgb(f, gray_ok=gray_ok) for f in bar])
 
 
 class ImageFolderDataset(Dataset):
@@ -57,12 +58,14 @@ class ImageFolderDataset(Dataset):
 
 
 class InpaintingTestSet(Dataset):
-    """Masked test images paired with their masks by sorted file name (the lab's convention).
+    """Masked test images paired with their masks by sorted file name (the lab's convention), checked by the
+    number in the names when they carry one.
 
     Item: (masked image normalized [3,64,64], known mask bool [1,64,64] with True = known pixel, index).
     `.names` are the masked images' file names, `.images` the raw uint8 masked images [N,64,64,3] and
     `.known` the bool masks [N,64,64], for pasting the known pixels back exactly.
 
+    Masked images must be 64x64 RGB (a grayscale one is refused: it is usually a mask in the wrong folder).
     Masks must be 64x64; any PIL mode is converted to grayscale "L". Masks that are not strictly
     0/255 (e.g. saved as JPEG) are thresholded at 128 (>= 128 = known) with a single warning.
     """
@@ -70,12 +73,10 @@ class InpaintingTestSet(Dataset):
     def __init__(self, masked_dir: str | Path, mask_dir: str | Path, split: str = "test"):
         image_files = _png_files(masked_dir, "masked image")
         mask_files = _png_files(mask_dir, "mask")
-        if len(image_files) != len(mask_files):
-            raise ValueError(f"{masked_dir} has {len(image_files)} images but {mask_dir} has {len(mask_files)} "
-                             f"masks; they are paired by sorted name, so the counts must match")
+        mask_files = _pair(image_files, mask_files)
         self.split = split
         self.names = [f.name for f in image_files]
-        self.images = _read_all(image_files, "load masked images")
+        self.images = _read_all(image_files, "load masked images", gray_ok=False)
         masks = np.stack([_read_mask(f) for f in mask_files])
         soft = [f.name for f, m in zip(mask_files, masks) if not np.isin(m, (0, 255)).all()]
         if soft:
@@ -89,6 +90,34 @@ class InpaintingTestSet(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         x = normalize(uint8_to_tensor(self.images[i]), self.split)
         return x, torch.from_numpy(self.known[i])[None], i
+
+
+def _number(path: Path) -> int | None:
+    """The index in a lab file name (image_012.png, mask_012.png -> 12); None without digits."""
+    digits = re.findall(r"\d+", path.stem)
+    return int(digits[-1]) if digits else None
+
+
+def _pair(image_files: list[Path], mask_files: list[Path]) -> list[Path]:
+    """The masks in the order of the images. The lab pairs by sorted name; when every name carries a distinct
+    number (image_012.png, mask_012.png), a file whose number has no partner (a renamed or foreign file) is
+    named in the error instead of shifting every later pair."""
+    images = {_number(f): f for f in image_files}
+    masks = {_number(f): f for f in mask_files}
+    numbered = None not in images and None not in masks and len(images) == len(image_files) \
+        and len(masks) == len(mask_files)
+    counts = (f"{len(image_files)} masked images in {image_files[0].parent}, {len(mask_files)} masks in "
+              f"{mask_files[0].parent}: they are paired by sorted name, so their counts and numbers must match")
+    if numbered:
+        lonely = [(f, "masked image") for n, f in masks.items() if n not in images] + \
+                 [(f, "mask") for n, f in images.items() if n not in masks]
+        if lonely:
+            f, other = lonely[0]
+            raise ValueError(f"{f}: no {other} numbered {_number(f)}; add it or remove this file ({counts})")
+        return [masks[_number(f)] for f in image_files]
+    if len(image_files) != len(mask_files):
+        raise ValueError(counts)
+    return mask_files
 
 
 def _read_mask(path: Path) -> np.ndarray:

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from utils.checkpoint import atomic_write
+
 IMAGE_SIZE = 64
 HOLE_GRAY = 128  # value painted into every channel of a missing pixel
 
@@ -55,11 +57,17 @@ def uint8_to_tensor(a: np.ndarray) -> torch.Tensor:
     return t.permute(0, 3, 1, 2) if t.dim() == 4 else t.permute(2, 0, 1)
 
 
-def read_rgb(path: str | Path, size: int | None = IMAGE_SIZE) -> np.ndarray:
-    """Read an RGB image as uint8 H,W,3; raises ValueError naming the file when it is unusable."""
+def read_rgb(path: str | Path, size: int | None = IMAGE_SIZE, gray_ok: bool = True) -> np.ndarray:
+    """Read an RGB image as uint8 H,W,3; raises ValueError naming the file when it is unusable.
+
+    RGBA loses its alpha, palette images are expanded; grayscale is copied to 3 channels unless `gray_ok` is False
+    (where a grayscale file means a mask given in place of an image)."""
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode == "L" and not gray_ok:
+                raise ValueError(f"{path}: image is grayscale, expected RGB; is this a mask? (image and mask "
+                                 "folders swapped?)")
             if im.mode not in ("RGB", "RGBA", "L", "P"):
                 raise ValueError(f"{path}: image mode {im.mode} is not RGB; convert it to RGB first")
             arr = np.array(im.convert("RGB"))
@@ -71,5 +79,7 @@ def read_rgb(path: str | Path, size: int | None = IMAGE_SIZE) -> np.ndarray:
 
 
 def save_png(arr: np.ndarray, path: str | Path) -> None:
-    """Save a uint8 H,W,C or H,W array as PNG."""
-    Image.fromarray(arr).save(path, format="PNG")
+    """Save a uint8 H,W,C or H,W array as PNG, atomically: a full disk or a kill never leaves a truncated PNG
+    that a later step (FID, training) would take for a real image."""
+    image = Image.fromarray(arr)
+    atomic_write(path, lambda f: image.save(f, format="PNG"), durable=False)

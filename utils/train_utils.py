@@ -1,6 +1,7 @@
 """Helpers shared by the training scripts: errors and exit codes, seeding, AMP, LR schedule, EMA, DDP, signals.
 
-Exit codes of every training script: 0 done, 1 stopped by a non-finite loss, 2 user error, 130 interrupted.
+Exit codes of every training script: 0 done, 1 stopped by a non-finite loss or weights, 2 user error (bad flag,
+config, checkpoint or data; an output folder that cannot be written; a full disk), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -22,8 +22,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from tqdm import tqdm
 
-from utils.checkpoint import CheckpointError
+from utils.checkpoint import CheckpointError, atomic_write
 from utils.config import ConfigError
 
 EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 2, 130
@@ -41,7 +42,28 @@ class TrainingStopped(RuntimeError):
         self.exit_code = exit_code
 
 
-USER_ERRORS = (UserError, ConfigError, CheckpointError)
+def diverged(what: str, step: int, checkpoint: Path) -> TrainingStopped:
+    """The stop of a run whose loss or weights went NaN/inf at optimizer step `step` (1-based); nothing is saved
+    after it, so `checkpoint` keeps the last good state."""
+    kept = f"the last good checkpoint {checkpoint} is kept" if checkpoint.is_file() else "no checkpoint was written yet"
+    return TrainingStopped(f"error: {what} at step {step}; stopped without saving ({kept}); lower --learning-rate, "
+                           "or rerun with --detect-anomaly to find the operation", EXIT_DIVERGED)
+
+
+def check_finite_weights(module: nn.Module, step: int, checkpoint: Path) -> None:
+    """Before a save: a NaN/inf gradient can ruin the weights while the loss is still finite; never save those."""
+    if not all(torch.isfinite(p).all() for p in module.parameters()):
+        raise diverged("the weights became NaN/inf", step, checkpoint)
+
+
+# OSError: a folder that cannot be read or written, a full disk (utils.checkpoint.OutputError says what to do)
+USER_ERRORS = (UserError, ConfigError, CheckpointError, OSError)
+
+
+def close_progress_bars() -> None:
+    """Close the tqdm bars a failed loop left open, so that the error message that follows gets a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
 
 
 def run_cli(fn: Callable[[], Any], debug: bool = False) -> int:
@@ -50,6 +72,7 @@ def run_cli(fn: Callable[[], Any], debug: bool = False) -> int:
     Under torchrun only rank 0 prints the message (every rank exits with the same code).
     """
     def report(message: str) -> None:
+        close_progress_bars()
         if os.environ.get("RANK", "0") == "0":
             print(message, file=sys.stderr)
     try:
@@ -208,7 +231,8 @@ def all_gather_object(obj: Any, env: DistEnv) -> list[Any]:
     torch.save(obj, buf)
     out: list[Any] = [None] * env.world_size
     dist.all_gather_object(out, buf.getvalue())
-    return [torch.load(io.BytesIO(b), map_location="cpu", weights_only=True) for b in out]
+    # weights_only=False: the objects are our own ranks' (RNG states hold NumPy arrays, which weights_only refuses)
+    return [torch.load(io.BytesIO(b), map_location="cpu", weights_only=False) for b in out]
 
 
 class GracefulInterrupt:
@@ -240,19 +264,7 @@ class GracefulInterrupt:
 
 def atomic_write_text(text: str, path: str | Path) -> None:
     """Write a small text file (a log, a config copy) so that readers never see half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a log is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 class CSVLog:

@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn as nn
 
+from utils.config import ConfigError
+
 from .layers import DownSampleBlock, GroupNorm, NonLocalBlock, ResidualBlock, Swish, UpSampleBlock
 
 
@@ -22,18 +24,34 @@ def _num_resamples(cfg: dict) -> int:
     ratio = cfg["img_resolution"] / cfg["latent_resolution"]
     steps = int(round(math.log2(ratio)))
     if ratio < 1 or 2 ** steps != ratio:
-        raise ValueError(f"img_resolution / latent_resolution must be a power of two, got {ratio}")
+        raise ConfigError(f"img_resolution / latent_resolution must be a power of two, got {ratio}")
     return steps
+
+
+def check_channel_rules(cfg: dict) -> None:
+    """ConfigError for channel lists that the two layout rules cannot build: one resample per widening
+    (encoder) or narrowing (decoder) stage, and every width a multiple of norm_groups."""
+    steps = _num_resamples(cfg)
+    enc, dec = list(cfg["enc_channels"]), list(cfg["dec_channels"])
+    widening = sum(enc[i + 1] > enc[i] for i in range(len(enc) - 1))
+    if widening != steps:
+        raise ConfigError(f"enc_channels {enc} widen {widening} times but img_resolution/latent_resolution "
+                          f"needs {steps} downsamples (one per widening stage)")
+    narrowing = sum(dec[i + 1] > dec[i] for i in range(len(dec) - 1))
+    if narrowing != steps:
+        raise ConfigError(f"dec_channels {dec} narrow {narrowing} times but the decoder needs "
+                          f"{steps} upsamples (one per narrowing stage)")
+    groups = cfg.get("norm_groups", 32)
+    if any(c % groups for c in enc + dec):
+        raise ConfigError(f"every entry of enc_channels {enc} and dec_channels {dec} must be a multiple of "
+                          f"norm_groups ({groups})")
 
 
 class Encoder(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
+        check_channel_rules(cfg)
         ch, g = list(cfg["enc_channels"]), cfg.get("norm_groups", 32)
-        widening = sum(ch[i + 1] > ch[i] for i in range(len(ch) - 1))
-        if widening != _num_resamples(cfg):
-            raise ValueError(f"enc_channels {ch} widen {widening} times but img_resolution/latent_resolution "
-                             f"needs {_num_resamples(cfg)} downsamples (one per widening stage)")
         layers: list[nn.Module] = [nn.Conv2d(cfg["image_channels"], ch[0], 3, 1, 1)]
         for c_in, c_out in zip(ch[:-1], ch[1:]):
             for j in range(cfg.get("enc_res_blocks", 2)):
@@ -52,11 +70,8 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: dict):
         super().__init__()
+        check_channel_rules(cfg)
         ch, g = list(reversed(cfg["dec_channels"])), cfg.get("norm_groups", 32)
-        narrowing = sum(ch[i + 1] < ch[i] for i in range(len(ch) - 1))
-        if narrowing != _num_resamples(cfg):
-            raise ValueError(f"dec_channels {cfg['dec_channels']} narrow {narrowing} times but the decoder needs "
-                             f"{_num_resamples(cfg)} upsamples (one per narrowing stage)")
         c = ch[0]
         layers: list[nn.Module] = [nn.Conv2d(cfg["latent_dim"], c, 3, 1, 1),
                                    ResidualBlock(c, c, g), NonLocalBlock(c, g), ResidualBlock(c, c, g)]

@@ -1,0 +1,36 @@
+"""Reconstruction quality of a VQGAN checkpoint: PSNR, codebook usage and perplexity on a folder of images.
+
+    python evaluate_vqgan.py --config pretrained/VQGAN_small/VQGAN.yml --ckpt pretrained/VQGAN_small/VQGAN.pt
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from models.VQGAN import load_vqgan
+from training_vqgan import load_images, validate
+from utils.train_utils import run_cli
+
+
+def main(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    model = load_vqgan(args.config, args.ckpt, device).to(memory_format=torch.channels_last)
+    images = load_images(args.images, args.split, device)
+    metrics = validate(model, images, args.batch_size, args.amp)
+    print(f"{len(images)} images from {args.images}: PSNR {metrics['val_psnr']:.2f} dB, "
+          f"codebook usage {metrics['codebook_usage']:.3f}, perplexity {metrics['perplexity']:.1f}")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="pretrained/VQGAN_small/VQGAN.yml")
+    p.add_argument("--ckpt", default="pretrained/VQGAN_small/VQGAN.pt")
+    p.add_argument("--images", default="./cat_face/val/", help="folder of 64x64 images")
+    p.add_argument("--split", default="val", choices=["train", "val", "test"], help="normalization statistics")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--amp", choices=["bf16", "none"], default="bf16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--debug", action="store_true")
+    arguments = p.parse_args()
+    raise SystemExit(run_cli(lambda: main(arguments), debug=arguments.debug))

@@ -137,18 +137,10 @@ def save_visualisations(out_dir: Path, model: MaskGit, result: InpaintOutput, ro
                         known: torch.Tensor, paste_back: bool) -> None:
     """For each batch row in `rows`: imga/test_i.png (masked input, then every step's image) and
     mask_scheduling/test_i.png (the latent mask after every step, white = known, upscaled to the image size)."""
-    steps, size = len(result.decode.step_tokens), result.masked.shape[1]
-    tokens = torch.stack(result.decode.step_tokens)[:, rows].flatten(0, 1)  # [S*R, N], step-major
-    base = np.tile(result.masked[rows], (steps, 1, 1, 1)) if paste_back else None
-    images = tokens_to_uint8(model, tokens, base, known[rows].repeat(steps, 1, 1, 1))
-    images = images.reshape(steps, len(rows), *images.shape[1:])
-    res = model.vqgan.latent_resolution
+    masks, images = step_tiles(model, result, rows, known, paste_back)
     for r, row in enumerate(rows):
-        masks = torch.stack([~m[row] for m in result.decode.step_masks]).view(steps, res, res).cpu().numpy()
-        masks = np.kron(masks, np.ones((size // res, size // res), dtype=bool))
-        save_png(strip(np.repeat(masks[..., None] * np.uint8(255), 3, axis=-1)),
-                 out_dir / "mask_scheduling" / f"test_{names[r]}.png")
-        save_png(strip(np.concatenate([result.masked[row][None], images[:, r]])), out_dir / "imga" / f"test_{names[r]}.png")
+        save_png(strip(masks[r]), out_dir / "mask_scheduling" / f"test_{names[r]}.png")
+        save_png(strip(np.concatenate([result.masked[row][None], images[r]])), out_dir / "imga" / f"test_{names[r]}.png")
 
 
 def run(args: argparse.Namespace) -> None:

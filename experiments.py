@@ -1,0 +1,412 @@
+"""The schedule study: inpainting FID for every mask schedule x T x sweet spot x decoding, with reference rows.
+
+Reference rows, measured on the same test set: OpenCV Telea inpainting (radius 3), the oracle (the ground truth's
+own VQGAN tokens decoded, known pixels pasted back: the ceiling of this VQGAN) and the masked input as is (gray holes).
+Outputs (under --output-dir):
+  results.csv           one row per setting, appended as soon as it is measured (--resume skips rows already there)
+  results.md            the same as a Markdown table: schedule, T, sweet spot, decoding, FID, seconds (of inpainting)
+  fid_vs_T.png          FID against T, one line per schedule and decoding (and sweet spot), references dotted
+  decoding_figure.png   the first --figure-images test images decoded with every schedule (T = the largest
+                        --total-iters): the latent mask and the image after every step
+Every setting re-seeds its generator with --seed, so a row does not depend on which rows ran before it.
+Sweet spots: T (the full decode), a step s, or a fraction f of T written with a dot (step round(f*T), half up, >= 1).
+
+    python experiments.py --load-transformer-ckpt-path transformer_checkpoints/transformer_last.pt
+    python experiments.py --only-references --MaskGitConfig configs/MaskGit_small.yml
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import math
+import sys
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from inpainting import DEFAULT_CKPT, OneLineParser, check_device, find_gt, load_gt, step_tiles, strip
+from models.VQGAN_Transformer import MaskGit, load_maskgit_config, resolve_path
+from sampler.maskgit_sampler import inpaint, tokens_to_uint8
+from sampler.schedules import GAMMAS
+from utils.checkpoint import ensure_writable_dir
+from utils.data import InpaintingTestSet
+from utils.fid import compute_statistics, frechet_distance
+from utils.image import normalize, uint8_to_tensor
+from utils.train_utils import close_progress_bars
+
+FIELDS = ["method", "schedule", "T", "sweet_spot", "sweet_spot_flag", "decoding", "fid", "seconds", "images", "seed"]
+REFERENCES = {"telea": "OpenCV Telea (radius 3)", "oracle": "oracle: ground-truth tokens",
+              "masked_input": "masked input as is"}
+REFERENCE_COLORS = {"telea": "k", "oracle": "C7", "masked_input": "C3"}
+TELEA_RADIUS = 3
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One MaskGIT row of the sweep; the sweet-spot flag is kept as given (T, a step or a fraction)."""
+    schedule: str
+    total_iter: int
+    sweet_spot_flag: str
+    decoding: str
+
+    @property
+    def sweet_spot(self) -> int:
+        return sweet_spot_step(self.sweet_spot_flag, self.total_iter)
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return ("maskgit", self.schedule, str(self.total_iter), self.sweet_spot_flag, self.decoding)
+
+
+def sweet_spot_step(flag: str, total_iter: int) -> int:
+    """'T' -> T; '0.5' (a fraction, it has a dot) -> round(0.5*T) half up, at least 1; '3' -> step 3."""
+    if flag == "T":
+        return total_iter
+    if "." in flag:
+        return max(1, math.floor(float(flag) * total_iter + 0.5))
+    return int(flag)
+
+
+def sweet_spot_error(flag: str, min_total_iter: int) -> str | None:
+    if flag == "T":
+        return None
+    if flag.isdigit():
+        if not 1 <= int(flag) <= min_total_iter:
+            return f"--sweet-spots {flag}: a step must be between 1 and the smallest --total-iters ({min_total_iter})"
+        return None
+    try:
+        fraction = float(flag) if "." in flag else None
+    except ValueError:
+        fraction = None
+    if fraction is None or not 0 < fraction <= 1:
+        return f"--sweet-spots {flag}: use T, a step (e.g. 4) or a fraction of T in (0, 1] (e.g. 0.5)"
+    return None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = OneLineParser(description=__doc__.split("\n")[0])
+    p.add_argument("--mask-funcs", nargs="+", choices=list(GAMMAS), default=["cosine", "linear", "square"])
+    p.add_argument("--total-iters", nargs="+", type=int, default=[1, 2, 4, 8, 12], help="decoding steps T")
+    p.add_argument("--sweet-spots", nargs="+", default=["T"], help="T, a step, or a fraction of T such as 0.5")
+    p.add_argument("--decodings", nargs="+", choices=["sample", "argmax"], default=["sample", "argmax"])
+    p.add_argument("--only-references", action="store_true", help="only the Telea, oracle and masked-input rows")
+    p.add_argument("--resume", action="store_true", help="keep results.csv and skip the settings already in it")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=32, help="images per transformer / VQGAN / Inception batch")
+    p.add_argument("--partial", type=float, default=1.0, help="fraction of the test set to use (the first ones)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--MaskGitConfig", default="configs/MaskGit.yml")
+    p.add_argument("--load-transformer-ckpt-path", default=None,
+                   help=f"transformer weights (default: model_param.transformer_ckpt of the config, else {DEFAULT_CKPT})")
+    p.add_argument("--test-maskedimage-path", default="./cat_face/masked_image")
+    p.add_argument("--test-mask-path", default="./cat_face/mask64")
+    p.add_argument("--gt", default=None, help="ground truth: test_gt.csv or a folder of images (default: auto-detect)")
+    p.add_argument("--dims", type=int, choices=[64, 192, 768, 2048], default=2048,
+                   help="Inception features for FID: 2048 is standard; 64/192/768 only for quick checks")
+    p.add_argument("--figure-images", type=int, default=4, help="test images in decoding_figure.png (0: no figure)")
+    p.add_argument("--output-dir", default="./experiments_out")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    args.mask_funcs, args.decodings = list(dict.fromkeys(args.mask_funcs)), list(dict.fromkeys(args.decodings))
+    args.total_iters, args.sweet_spots = list(dict.fromkeys(args.total_iters)), list(dict.fromkeys(args.sweet_spots))
+    if min(args.total_iters) < 1:
+        p.error(f"--total-iters must all be >= 1, got {min(args.total_iters)}")
+    for flag in args.sweet_spots:
+        if (message := sweet_spot_error(flag, min(args.total_iters))) is not None:
+            p.error(message)
+    if args.batch_size < 1 or args.figure_images < 0:
+        p.error("--batch-size must be >= 1 and --figure-images >= 0")
+    if not 0 < args.partial <= 1:
+        p.error(f"--partial must be in (0, 1], got {args.partial}")
+    return args
+
+
+def sweep(args: argparse.Namespace) -> list[Setting]:
+    return [Setting(s, t, f, d) for s, d, f, t in
+            itertools.product(args.mask_funcs, args.decodings, args.sweet_spots, args.total_iters)]
+
+
+# ------------------------------------------------------------------------------------------------ inpainting
+
+def telea_inpaint(masked: np.ndarray, known: np.ndarray, radius: int = TELEA_RADIUS) -> np.ndarray:
+    """OpenCV's Telea inpainting of uint8 [N, H, W, 3] images with bool [N, H, W] known masks (it works per
+    channel, so RGB order is fine, and it leaves the known pixels as they are)."""
+    return np.stack([cv2.inpaint(m, (~k).astype(np.uint8) * 255, radius, cv2.INPAINT_TELEA)
+                     for m, k in zip(masked, known)])
+
+
+def oracle_inpaint(model: MaskGit, gt: np.ndarray, masked: np.ndarray, known: np.ndarray, batch_size: int,
+                   device: torch.device) -> np.ndarray:
+    """The ground truth's own VQGAN tokens decoded, known pixels pasted back from the masked input: what a
+    transformer that predicts every token right would give, i.e. the FID this VQGAN leaves reachable."""
+    out = []
+    for s in range(0, len(gt), batch_size):
+        batch = slice(s, s + batch_size)
+        _, tokens = model.encode_to_z(normalize(uint8_to_tensor(gt[batch]), "test").to(device))
+        out.append(tokens_to_uint8(model, tokens, masked[batch], torch.from_numpy(known[batch, None])))
+    return np.concatenate(out)
+
+
+def inpaint_set(model: MaskGit, loader: DataLoader, device: torch.device, seed: int, **kwargs) -> np.ndarray:
+    """MaskGIT-inpaint every image of `loader` (kwargs go to sampler.inpaint) -> uint8 [N, H, W, 3]."""
+    generator = torch.Generator(device).manual_seed(seed)
+    return np.concatenate([inpaint(model, images.to(device), known.to(device), generator=generator, **kwargs).images
+                           for images, known, _ in tqdm(loader, desc="inpainting", unit="batch", leave=False)])
+
+
+class FIDScorer:
+    """FID against one fixed ground truth, whose Inception statistics are computed once, on first use (and cached
+    on disk by the FID tool)."""
+
+    def __init__(self, gt: np.ndarray, device: torch.device, batch_size: int, dims: int):
+        self.gt, self.device = gt, device
+        self.kwargs = dict(device=device, batch_size=batch_size, dims=dims)
+
+    @cached_property
+    def gt_statistics(self) -> tuple[np.ndarray, np.ndarray]:
+        return compute_statistics(self.gt, cache=True, desc="ground-truth features", **self.kwargs)
+
+    def __call__(self, images: np.ndarray) -> float:
+        mu, sigma = compute_statistics(images, desc="FID features", **self.kwargs)
+        return frechet_distance(mu, sigma, *self.gt_statistics, device=self.device)
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+def row_key(row: dict[str, str]) -> tuple[str, ...]:
+    return tuple(row[k] for k in ("method", "schedule", "T", "sweet_spot_flag", "decoding"))
+
+
+def read_results(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames != FIELDS:
+            raise ValueError(f"{path}: not a results.csv of experiments.py (columns {reader.fieldnames}); "
+                             "move it away or drop --resume")
+        return list(reader)
+
+
+def append_row(path: Path, row: dict[str, object]) -> None:
+    """Append one row (writing the header first into a new file), flushed at once: an interrupted sweep keeps it."""
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def previous_rows(path: Path, resume: bool, images: int, seed: int) -> dict[tuple[str, ...], dict[str, str]]:
+    """The rows already measured when resuming; otherwise an old results.csv is replaced."""
+    if not resume:
+        if path.exists():
+            print(f"note: replacing {path} (pass --resume to continue it instead)", file=sys.stderr)
+            path.unlink()
+        return {}
+    if not path.exists():
+        return {}
+    rows = read_results(path)
+    for row in rows:
+        if row["images"] != str(images) or (row["method"] == "maskgit" and row["seed"] != str(seed)):
+            raise ValueError(f"{path}: rows were measured on {row['images']} images with seed {row['seed'] or '-'}, "
+                             f"this run uses {images} images and seed {seed}; resume with the same --partial and "
+                             "--seed, or drop --resume to start over")
+    return {row_key(row): row for row in rows}
+
+
+def sorted_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """References first (in REFERENCES order), then MaskGIT rows by schedule, decoding, sweet spot and T."""
+    order = [*REFERENCES, "maskgit"]
+    return sorted(rows, key=lambda r: (order.index(r["method"]), r["schedule"], r["decoding"], r["sweet_spot_flag"],
+                                       int(r["T"] or 0)))
+
+
+def write_markdown(rows: list[dict[str, str]], path: Path) -> str:
+    lines = [f"FID on {rows[0]['images']} test images (lower is better); seconds: wall time of inpainting the set.", "",
+             "| schedule | T | sweet spot | decoding | FID | seconds |", "| --- | ---: | ---: | --- | ---: | ---: |"]
+    for r in sorted_rows(rows):
+        name = REFERENCES.get(r["method"], r["schedule"])
+        lines.append(f"| {name} | {r['T'] or '-'} | {r['sweet_spot'] or '-'} | {r['decoding'] or '-'} | "
+                     f"{float(r['fid']):.2f} | {float(r['seconds']):.2f} |")
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def plot_fid_vs_t(rows: list[dict[str, str]], path: Path) -> None:
+    """One line per (schedule, decoding, sweet spot): colour = schedule, dashes = argmax, marker = sweet spot;
+    references as dotted horizontal lines."""
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
+    maskgit = [r for r in sorted_rows(rows) if r["method"] == "maskgit"]
+    colors = {s: f"C{i}" for i, s in enumerate(dict.fromkeys(r["schedule"] for r in maskgit))}
+    markers = dict(zip(dict.fromkeys(r["sweet_spot_flag"] for r in maskgit), itertools.cycle("os^vDP*X")))
+    for (schedule, decoding, flag), group in itertools.groupby(
+            maskgit, key=lambda r: (r["schedule"], r["decoding"], r["sweet_spot_flag"])):
+        group = list(group)
+        label = f"{schedule}, {decoding}" + ("" if flag == "T" else f", sweet spot {flag}")
+        ax.plot([int(r["T"]) for r in group], [float(r["fid"]) for r in group], color=colors[schedule],
+                linestyle="--" if decoding == "argmax" else "-", marker=markers[flag], label=label)
+    for r in sorted_rows(rows):
+        if r["method"] in REFERENCES:
+            fid = float(r["fid"])
+            ax.axhline(fid, color=REFERENCE_COLORS[r["method"]], linestyle=":",
+                       label=f"{REFERENCES[r['method']]} ({fid:.1f})")
+    if maskgit:
+        ax.set_xticks(sorted({int(r["T"]) for r in maskgit}))
+    # the masked input is far above everything else on real data: it stays in the legend, not in the y range
+    focus = [float(r["fid"]) for r in rows if r["method"] != "masked_input"]
+    margin = 0.05 * (max(focus) - min(focus)) + 0.5
+    ax.set_ylim(min(focus) - margin, max(focus) + margin)
+    ax.set_xlabel("decoding steps T")
+    ax.set_ylabel("FID (lower is better)")
+    ax.set_title(f"Inpainting FID on {rows[0]['images']} test images")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+# ------------------------------------------------------------------------------------------------ figure
+
+def decoding_mosaic(model: MaskGit, dataset: InpaintingTestSet, gt: np.ndarray, count: int, schedules: list[str],
+                    total_iter: int, argmax: bool, seed: int, device: torch.device
+                    ) -> tuple[np.ndarray, list[str], list[str]]:
+    """uint8 mosaic with one row per (test image, schedule), image-major: the masked input, then the latent mask
+    (white = known) and the decoded image after each of the T steps, then the ground truth. Returns it with its
+    row and column labels."""
+    images = torch.stack([dataset[i][0] for i in range(count)]).to(device)
+    known = torch.stack([dataset[i][1] for i in range(count)]).to(device)
+    rows = {}
+    for schedule in schedules:
+        generator = torch.Generator(device).manual_seed(seed)
+        result = inpaint(model, images, known, total_iter=total_iter, gamma_type=schedule, argmax=argmax,
+                         generator=generator, keep_steps=True)
+        masks, steps = step_tiles(model, result, list(range(count)), known, paste_back=True)
+        for i in range(count):
+            interleaved = np.stack([masks[i], steps[i]], axis=1).reshape(-1, *steps.shape[2:])
+            rows[i, schedule] = strip(np.concatenate([result.masked[i][None], interleaved, gt[i][None]]))
+    row_labels = [f"{dataset.names[i]}\n{s}" for i in range(count) for s in schedules]
+    col_labels = ["input", *(f"{kind} {t}" for t in range(1, total_iter + 1) for kind in ("mask", "step")), "truth"]
+    return np.concatenate([rows[i, s] for i in range(count) for s in schedules]), row_labels, col_labels
+
+
+def save_mosaic(mosaic: np.ndarray, row_labels: list[str], col_labels: list[str], path: Path, title: str) -> None:
+    """The mosaic at 2 figure pixels per image pixel, with labelled rows and columns."""
+    h, w = mosaic.shape[:2]
+    fig = Figure(figsize=(w / 50 + 1.2, h / 50 + 0.8), dpi=100)
+    ax = fig.subplots()
+    ax.imshow(mosaic, interpolation="nearest")
+    ax.set_xticks((np.arange(len(col_labels)) + 0.5) * w / len(col_labels), col_labels, fontsize=8)
+    ax.set_yticks((np.arange(len(row_labels)) + 0.5) * h / len(row_labels), row_labels, fontsize=8)
+    ax.tick_params(length=0)
+    ax.set_title(title, fontsize=10)
+    fig.savefig(path, bbox_inches="tight")
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def run(args: argparse.Namespace) -> None:
+    device = check_device(args.device)
+    for flag, folder in (("--test-maskedimage-path", args.test_maskedimage_path), ("--test-mask-path", args.test_mask_path)):
+        if not Path(folder).is_dir():
+            raise ValueError(f"{flag} {folder}: folder not found; prepare the dataset or pass the right folder")
+    out_dir = ensure_writable_dir(args.output_dir, "--output-dir")
+    cfg = load_maskgit_config(args.MaskGitConfig)
+    dataset = InpaintingTestSet(args.test_maskedimage_path, args.test_mask_path, split="test")
+    n = math.ceil(args.partial * len(dataset))
+    if n < 2:
+        raise ValueError(f"--partial {args.partial} leaves {n} test image; FID needs at least 2")
+    gt_path = find_gt(args)
+    if gt_path is None:
+        raise ValueError(f"no test_gt.csv or test_gt/ beside {args.test_maskedimage_path}; pass --gt")
+    gt = load_gt(gt_path)
+    if len(gt) != len(dataset):
+        raise ValueError(f"{gt_path}: {len(gt)} ground-truth images for {len(dataset)} test images; "
+                         "pass the matching --gt")
+    gt, masked, known = gt[:n], dataset.images[:n], dataset.known[:n]
+
+    model = MaskGit(cfg).to(device).eval()
+    if not args.only_references:
+        model.load_transformer_checkpoint(
+            resolve_path(args.load_transformer_ckpt_path or cfg.get("transformer_ckpt") or DEFAULT_CKPT))
+
+    csv_path = out_dir / "results.csv"
+    done = previous_rows(csv_path, args.resume, n, args.seed)
+    references = [m for m in REFERENCES if (m, "", "", "", "") not in done]
+    settings = [] if args.only_references else [s for s in sweep(args) if s.key not in done]
+    if done:
+        print(f"resuming {csv_path}: {len(done)} rows already measured", file=sys.stderr)
+
+    score = FIDScorer(gt, device, args.batch_size, args.dims)
+    bar = tqdm(total=len(references) + len(settings), desc="study", unit="row")
+    for method in references:
+        start = time.perf_counter()
+        if method == "telea":
+            images = telea_inpaint(masked, known)
+        elif method == "oracle":
+            images = oracle_inpaint(model, gt, masked, known, args.batch_size, device)
+        else:
+            images = masked
+        seconds = time.perf_counter() - start
+        fid = score(images)
+        append_row(csv_path, dict(method=method, schedule="", T="", sweet_spot="", sweet_spot_flag="", decoding="",
+                                  fid=fid, seconds=seconds, images=n, seed=""))
+        bar.write(f"{REFERENCES[method]}: FID {fid:.2f}")
+        bar.update()
+    loader = DataLoader(Subset(dataset, range(n)), batch_size=args.batch_size, shuffle=False)
+    for s in settings:
+        start = time.perf_counter()
+        images = inpaint_set(model, loader, device, args.seed, total_iter=s.total_iter, gamma_type=s.schedule,
+                             sweet_spot=s.sweet_spot, argmax=s.decoding == "argmax")
+        seconds = time.perf_counter() - start
+        fid = score(images)
+        append_row(csv_path, dict(method="maskgit", schedule=s.schedule, T=s.total_iter, sweet_spot=s.sweet_spot,
+                                  sweet_spot_flag=s.sweet_spot_flag, decoding=s.decoding, fid=fid, seconds=seconds,
+                                  images=n, seed=args.seed))
+        bar.write(f"{s.schedule} T={s.total_iter} sweet spot {s.sweet_spot} {s.decoding}: "
+                  f"FID {fid:.2f} ({seconds:.1f} s)")
+        bar.update()
+    bar.close()
+
+    figure = not args.only_references and args.figure_images > 0
+    if figure:
+        total_iter = max(args.total_iters)
+        mosaic, row_labels, col_labels = decoding_mosaic(
+            model, dataset, gt, min(args.figure_images, n), args.mask_funcs, total_iter,
+            args.decodings[0] == "argmax", args.seed, device)
+        save_mosaic(mosaic, row_labels, col_labels, out_dir / "decoding_figure.png",
+                    f"iterative decoding, T={total_iter}, {args.decodings[0]}")
+    rows = read_results(csv_path)
+    print(write_markdown(rows, out_dir / "results.md"), end="")
+    plot_fid_vs_t(rows, out_dir / "fid_vs_T.png")
+    print(f"wrote results.csv, results.md, fid_vs_T.png{', decoding_figure.png' if figure else ''} in {out_dir}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError) as e:  # config, checkpoint, data, output, resume and FID errors all say what to do
+        if args.debug:
+            raise
+        close_progress_bars()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # every finished row is already in results.csv
+        if args.debug:
+            raise
+        close_progress_bars()
+        print(f"interrupted; rerun with --resume to continue {Path(args.output_dir) / 'results.csv'}", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""experiments.py on a tiny MaskGIT and six smooth synthetic test images: one CSV/Markdown row per setting plus the
+reference rows, the reference inpaintings themselves, the decoding figure, --resume and one-line flag errors.
+
+FID uses the 64-d Inception features (the network's stem) so that every row costs a fraction of a second on CPU.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tiny_maskgit import TINY_TRANSFORMER, make_tiny_setup
+
+import experiments
+from benchmarks.inpaint_throughput import brush_masks
+from inpainting import TILE_PAD
+from models.Transformer import BidirectionalTransformer
+from models.VQGAN_Transformer import MaskGit, load_maskgit_config
+from utils.data import InpaintingTestSet, write_gt_csv
+from utils.image import save_png
+
+N_TEST = 6
+SCHEDULES, TS, FLAGS, DECODINGS = ["cosine", "linear"], [1, 2], ["T", "0.5"], ["sample", "argmax"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_fid_cache():
+    """Keep the FID tool's on-disk feature cache out of the home folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FID_CACHE_DIR", "")
+        yield
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """Tiny configs and weights, plus masked_image/, mask64/ and test_gt.csv of smooth images with brush holes."""
+    root = tmp_path_factory.mktemp("lab")
+    setup = make_tiny_setup(root, n_train=1, n_val=1)
+    torch.manual_seed(0)
+    ckpt = root / "transformer.pt"
+    torch.save(BidirectionalTransformer(TINY_TRANSFORMER).state_dict(), ckpt)
+    coarse = torch.rand(N_TEST, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    smooth = F.interpolate(coarse, size=(64, 64), mode="bicubic", align_corners=False)
+    gt = (255 * smooth).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    known = brush_masks(N_TEST, seed=2)[:, 0].numpy()
+    data = root / "cat_face"
+    for folder in ("masked_image", "mask64"):
+        (data / folder).mkdir(parents=True)
+    for i in range(N_TEST):
+        save_png(np.where(known[i, ..., None], gt[i], 128).astype(np.uint8), data / "masked_image" / f"image_{i:03d}.png")
+        Image.fromarray(known[i].astype(np.uint8) * 255, mode="L").save(data / "mask64" / f"mask_{i:03d}.png")
+    write_gt_csv(data / "test_gt.csv", gt)
+    return setup, ckpt, data, gt, known
+
+
+def flags(lab, out: Path, *extra: str) -> list[str]:
+    setup, ckpt, data, _, _ = lab
+    return ["--device", "cpu", "--MaskGitConfig", str(setup.maskgit_config), "--load-transformer-ckpt-path", str(ckpt),
+            "--test-maskedimage-path", str(data / "masked_image"), "--test-mask-path", str(data / "mask64"),
+            "--output-dir", str(out), "--batch-size", "4", "--dims", "64", "--figure-images", "0", *extra]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def by_setting(rows: list[dict[str, str]]) -> dict[tuple[str, ...], dict[str, str]]:
+    return {(r["schedule"], r["T"], r["sweet_spot_flag"], r["decoding"]): r for r in rows if r["method"] == "maskgit"}
+
+
+@pytest.fixture(scope="module")
+def sweep(lab, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    experiments.main(flags(lab, out, "--mask-funcs", *SCHEDULES, "--total-iters", *map(str, TS), "--sweet-spots", *FLAGS,
+                           "--decodings", *DECODINGS, "--figure-images", "2"))
+    return out, read_csv(out / "results.csv")
+
+
+def test_one_row_per_setting_plus_references(sweep):
+    out, rows = sweep
+    assert len(rows) == 3 + len(SCHEDULES) * len(TS) * len(FLAGS) * len(DECODINGS)
+    assert [r["method"] for r in rows[:3]] == ["telea", "oracle", "masked_input"]
+    settings = by_setting(rows)
+    assert set(settings) == {(s, str(t), f, d) for s in SCHEDULES for t in TS for f in FLAGS for d in DECODINGS}
+    # sweet spot 0.5 is round(0.5 * T) half up, at least 1
+    assert {(k[1], k[2]): r["sweet_spot"] for k, r in settings.items()} == {
+        ("1", "T"): "1", ("1", "0.5"): "1", ("2", "T"): "2", ("2", "0.5"): "1"}
+    assert all(math.isfinite(float(r["fid"])) and float(r["fid"]) > 0 and r["images"] == str(N_TEST) for r in rows)
+    fid = {r["method"]: float(r["fid"]) for r in rows[:3]}
+    assert fid["masked_input"] > fid["telea"]  # gray holes are far from smooth images; Telea fills them smoothly
+    for s in SCHEDULES:
+        for d in DECODINGS:
+            # every setting re-seeds its generator: T=1 decoded to step 1 twice gives the same images, the same FID
+            assert settings[s, "1", "T", d]["fid"] == settings[s, "1", "0.5", d]["fid"]
+        assert settings[s, "2", "T", "sample"]["fid"] != settings[s, "2", "T", "argmax"]["fid"]
+
+    table = (out / "results.md").read_text().splitlines()
+    body = [line for line in table if line.startswith("| ") and not line.startswith(("| schedule", "| ---"))]
+    assert len(body) == len(rows)
+    assert body[0].startswith("| OpenCV Telea (radius 3) | - | - | - | ")
+    for name in ("fid_vs_T.png", "decoding_figure.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and min(im.size) > 100
+
+
+def test_reference_inpaintings(lab):
+    setup, _, data, gt, known = lab
+    dataset = InpaintingTestSet(data / "masked_image", data / "mask64")
+    masked = dataset.images
+    telea = experiments.telea_inpaint(masked, known)
+    assert np.array_equal(telea[known], masked[known])  # known pixels exactly unchanged
+    assert (telea[~known] != 128).any(axis=-1).mean() > 0.9  # the gray holes are filled
+    model = MaskGit(load_maskgit_config(setup.maskgit_config)).eval()
+    oracle = experiments.oracle_inpaint(model, gt, masked, known, batch_size=4, device=torch.device("cpu"))
+    assert oracle.shape == gt.shape and oracle.dtype == np.uint8
+    assert np.array_equal(oracle[known], gt[known])  # paste-back: the ground truth on known pixels
+    assert not np.array_equal(oracle[~known], masked[~known])
+
+
+def test_decoding_mosaic_shows_every_step(lab):
+    setup, ckpt, data, gt, known = lab
+    model = MaskGit(load_maskgit_config(setup.maskgit_config)).eval()
+    model.load_transformer_checkpoint(ckpt)
+    dataset = InpaintingTestSet(data / "masked_image", data / "mask64")
+    t, count, tile = 3, 2, 64 + 2 * TILE_PAD
+    mosaic, rows, cols = experiments.decoding_mosaic(model, dataset, gt, count, SCHEDULES, t, False, 0, torch.device("cpu"))
+    assert mosaic.shape == (count * len(SCHEDULES) * tile, (2 + 2 * t) * tile, 3)
+    assert len(rows) == count * len(SCHEDULES) and len(cols) == 2 + 2 * t and cols[1:3] == ["mask 1", "step 1"]
+
+    def tile_at(r: int, c: int) -> np.ndarray:
+        return mosaic[r * tile + TILE_PAD:(r + 1) * tile - TILE_PAD, c * tile + TILE_PAD:(c + 1) * tile - TILE_PAD]
+
+    for r in range(len(rows)):
+        i = r // len(SCHEDULES)  # image-major
+        assert np.array_equal(tile_at(r, 0), dataset.images[i])
+        assert (tile_at(r, 2 * t - 1) == 255).all()  # nothing is masked after the last step
+        assert np.array_equal(tile_at(r, 2 * t)[known[i]], gt[i][known[i]])  # the last step keeps known pixels
+        assert np.array_equal(tile_at(r, 2 * t + 1), gt[i])
+    white = [(tile_at(0, 2 * s + 1)[..., 0] == 255) for s in range(t)]  # latent masks of image 0, cosine
+    known_tokens = np.kron(known[0].reshape(16, 4, 16, 4).all(axis=(1, 3)), np.ones((4, 4), dtype=bool))
+    assert white[0][known_tokens].all() and white[0].mean() < 1  # known tokens stay known; holes fill step by step
+    assert all((a <= b).all() for a, b in zip(white, white[1:]))  # a fixed token is never masked again
+
+
+def test_only_references_then_resume_skips_done_rows(lab, sweep, tmp_path, capsys):
+    experiments.main(flags(lab, tmp_path, "--only-references", "--load-transformer-ckpt-path", "/nonexistent/t.pt"))
+    first = read_csv(tmp_path / "results.csv")
+    assert [r["method"] for r in first] == ["telea", "oracle", "masked_input"]
+    assert not (tmp_path / "decoding_figure.png").exists()
+    experiments.main(flags(lab, tmp_path, "--resume", "--mask-funcs", "linear", "--total-iters", "2",
+                           "--decodings", "sample"))
+    rows = read_csv(tmp_path / "results.csv")
+    assert rows[:3] == first  # not recomputed: the timings would differ
+    assert len(rows) == 4
+    # the resumed row equals the same setting measured inside the full sweep
+    assert rows[3]["fid"] == by_setting(sweep[1])["linear", "2", "T", "sample"]["fid"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        experiments.main(flags(lab, tmp_path, "--resume", "--partial", "0.5"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--partial" in err[0], err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--mask-funcs", "zigzag"], "--mask-funcs"),
+    (["--decodings", "greedy"], "--decodings"),
+    (["--total-iters", "4", "0"], "--total-iters"),
+    (["--total-iters", "2", "4", "--sweet-spots", "3"], "--sweet-spots"),
+    (["--sweet-spots", "1.5"], "--sweet-spots"),
+    (["--sweet-spots", "half"], "--sweet-spots"),
+    (["--test-mask-path", "/nonexistent/mask64"], "--test-mask-path"),
+    (["--gt", "/nonexistent/gt.csv"], "--gt"),
+    (["--partial", "0.1"], "--partial"),
+])
+def test_bad_flags_exit_2_with_one_line(lab, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        experiments.main(flags(lab, tmp_path, *extra))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err

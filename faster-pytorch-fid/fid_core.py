@@ -38,6 +38,7 @@ if str(HERE) not in sys.path:  # this folder's name has hyphens: siblings are im
     sys.path.insert(0, str(HERE))
 
 from fid_inception import load_pt_inception  # noqa: E402
+from utils.checkpoint import OutputError, atomic_write  # noqa: E402
 from utils.image import read_rgb  # noqa: E402
 
 PT_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -304,6 +305,17 @@ def statistics_from_features(features: np.ndarray | torch.Tensor,
     return mu.cpu().numpy(), (c.T @ c / (len(f) - 1)).cpu().numpy()
 
 
+def _read_cached(cache_file: Path | None) -> np.ndarray | None:
+    """Cached features, or None when there are none or the file is damaged (then they are recomputed)."""
+    if cache_file is None or not cache_file.is_file():
+        return None
+    try:
+        return np.load(cache_file)
+    except (OSError, ValueError, EOFError):
+        print(f"note: ignoring damaged feature cache {cache_file}", file=sys.stderr)
+        return None
+
+
 def compute_statistics(images: str | Path | np.ndarray | list[Path], device: str | torch.device = "cpu",
                        batch_size: int = 50, num_workers: int = 0, weights: str | Path | None = None,
                        dims: int = 2048, cache: bool = False, progress: bool = True,
@@ -319,16 +331,14 @@ def compute_statistics(images: str | Path | np.ndarray | list[Path], device: str
     if cache:
         source = load_images(source)
         cache_file = _cache_file(source, model, resolve_weights(weights))
-    if cache_file is not None and cache_file.is_file():
-        features = np.load(cache_file)
-    else:
+    features = _read_cached(cache_file)
+    if features is None:
         features = compute_features(source, model, batch_size, num_workers, progress, desc)
         if cache_file is not None:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(cache_file.name + f".{os.getpid()}.tmp")
-            with open(tmp, "wb") as fh:
-                np.save(fh, features)
-            os.replace(tmp, cache_file)
+            try:  # a cache that cannot be written is not worth failing the FID for
+                atomic_write(cache_file, lambda fh: np.save(fh, features), durable=False)
+            except OutputError as e:
+                print(f"note: feature cache not written ({e}); set FID_CACHE_DIR to a writable folder", file=sys.stderr)
     return statistics_from_features(features, device)
 
 
@@ -434,7 +444,7 @@ def fid_between(pred: str | Path | np.ndarray, gt: str | Path | np.ndarray | Non
         mu_gt, s_gt = compute_statistics(gt, cache=cache, desc="ground truth", **kw)
     mu, s = compute_statistics(pred, desc="predicted", **kw)
     if save_stats is not None:
-        np.savez(save_stats, mu=mu, sigma=s)
+        atomic_write(save_stats, lambda fh: np.savez(fh, mu=mu, sigma=s))
     return frechet_distance(mu, s, mu_gt, s_gt, device)
 
 

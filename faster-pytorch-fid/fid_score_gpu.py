@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         # DataLoader workers wrap errors in a traceback; the last line is the message that matters.
         print(f"error: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 130
     print("FID: ", fid)
     return 0
 

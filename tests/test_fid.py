@@ -174,3 +174,43 @@ def test_bad_inputs_exit_2_with_one_line(sets, tmp_path, capsys):
         code, lines = _run(argv + ["--device", "cpu"], capsys)
         assert code == 2 and len(lines) == 1, (argv, lines)
         assert lines[0].startswith("error: ") and needle in lines[0], (argv, lines)
+
+
+def test_feature_cache_survives_damage_and_unwritable_folder(sets, tmp_path, monkeypatch, capsys):
+    """A damaged cache file is recomputed; a cache folder that cannot be made only costs a note."""
+    monkeypatch.setenv("FID_CACHE_DIR", str(tmp_path / "cache"))
+    first = fc.compute_statistics(sets.a, dims=192, cache=True, progress=False)
+    (cached,) = (tmp_path / "cache").rglob("*.npy")
+    cached.write_bytes(b"not a numpy file")
+    again = fc.compute_statistics(sets.a, dims=192, cache=True, progress=False)
+    assert np.allclose(first[0], again[0]) and "damaged feature cache" in capsys.readouterr().err
+    assert np.load(cached).shape == (N, 192)  # rewritten whole
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    monkeypatch.setenv("FID_CACHE_DIR", str(blocker / "cache"))
+    third = fc.compute_statistics(sets.a, dims=192, cache=True, progress=False)
+    assert np.allclose(first[1], third[1]) and "feature cache not written" in capsys.readouterr().err
+
+
+def test_more_bad_inputs_and_interrupt(sets, tmp_path, capsys, monkeypatch):
+    corrupt = write_folder(sets.a[:3], tmp_path / "corrupt")
+    (corrupt / "image_001.png").write_bytes(b"\x89PNG truncated")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    cases = [
+        (["--predicted-path", str(corrupt), "--gt-path", str(sets.b_dir)], "image_001.png"),
+        (["--predicted-path", str(sets.a_dir), "--gt-path", str(sets.b_dir), "--weights", str(tmp_path / "no.pt")],
+         "--weights"),
+        (["--predicted-path", str(sets.a_dir), "--gt-path", str(sets.b_dir), "--save-stats",
+          str(blocker / "stats.npz")], "stats"),
+    ]
+    for argv, needle in cases:
+        code, lines = _run(argv + ["--device", "cpu", "--dims", "64"], capsys)
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (argv, lines)
+    assert not list(tmp_path.rglob("stats.npz"))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(fid_score_gpu, "fid_between", interrupted)
+    code, lines = _run(["--predicted-path", str(sets.a_dir), "--gt-path", str(sets.b_dir), "--device", "cpu"], capsys)
+    assert code == 130 and lines == ["interrupted"]

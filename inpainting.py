@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mask-func", choices=list(GAMMAS), default=None, help="mask schedule (default: the config's gamma_type)")
     p.add_argument("--output-dir", default=".", help="where test_results/, mask_scheduling/ and imga/ go")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--argmax", action="store_true", help="take the most likely token instead of sampling")
+    p.add_argument("--decoding", choices=["sample", "argmax"], default=None,
+                   help="sample each token or take the most likely one (default: the config's `decoding`, else sample)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the token distribution")
     p.add_argument("--choice-temperature", type=float, default=None,
                    help="Gumbel noise scale of the confidence ranking (default: the config's, 4.5 in the lab)")
@@ -150,6 +151,9 @@ def run(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} {folder}: folder not found; prepare the dataset or pass the right folder")
     cfg = load_maskgit_config(args.MaskGitConfig)
     ckpt = resolve_path(args.load_transformer_ckpt_path or cfg.get("transformer_ckpt") or DEFAULT_CKPT)
+    decoding = args.decoding or cfg.get("decoding", "sample")
+    if decoding not in ("sample", "argmax"):
+        raise ValueError(f"{args.MaskGitConfig}: model_param.decoding is {decoding!r}; use sample or argmax")
     with warnings.catch_warnings(record=True) as caught:  # one line each, not Python's two-line format
         warnings.simplefilter("always")
         dataset = InpaintingTestSet(args.test_maskedimage_path, args.test_mask_path, split="test")
@@ -178,7 +182,7 @@ def run(args: argparse.Namespace) -> None:
         images, known = images.to(device), known.to(device)
         result = inpaint(model, images, known, paste_back=not args.no_paste_back, total_iter=args.total_iter,
                          gamma_type=args.mask_func, sweet_spot=args.sweet_spot, temperature=args.temperature,
-                         choice_temperature=args.choice_temperature, argmax=args.argmax, generator=generator,
+                         choice_temperature=args.choice_temperature, argmax=decoding == "argmax", generator=generator,
                          bf16=not args.fp32, keep_steps=bool(rows))
         for r, i in enumerate(index):
             save_png(result.images[r], out_dir / "test_results" / RESULT_NAME.format(i))

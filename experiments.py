@@ -1,7 +1,10 @@
 """The schedule study: inpainting FID for every mask schedule x T x sweet spot x decoding, with reference rows.
 
-Reference rows, measured on the same test set: OpenCV Telea inpainting (radius 3), the oracle (the ground truth's
-own VQGAN tokens decoded, known pixels pasted back: the ceiling of this VQGAN) and the masked input as is (gray holes).
+Reference rows, measured on the same images: OpenCV Telea inpainting (radius 3), the oracle (the ground truth's
+own VQGAN tokens decoded, known pixels pasted back: the ceiling of this VQGAN), the same with the seam blend, the
+masked input as is (gray holes), the diffusion fill alone (utils.image.diffuse_fill, no learning) and "no
+transformer": the VQGAN tokens of the diffusion-filled image, decoded and seam-blended (what pixel guidance would
+give if the transformer had no say).
 Outputs (under --output-dir):
   results.csv           one row per setting, appended as soon as it is measured (--resume skips rows already there)
   results.md            the same as a Markdown table: schedule, T, sweet spot, decoding, FID, seconds (of inpainting)
@@ -9,10 +12,13 @@ Outputs (under --output-dir):
   decoding_figure.png   the first --figure-images test images decoded with every schedule (T = the largest
                         --total-iters): the latent mask and the image after every step
 Every setting re-seeds its generator with --seed, so a row does not depend on which rows ran before it.
+--split val runs the study on the val images with stroke holes drawn from a fixed seed (VAL_MASK_SEED), the same
+kind of masks as the test set's: choose the decoding there and keep the test split for the final table.
 Sweet spots: T (the full decode), a step s, or a fraction f of T written with a dot (step round(f*T), half up, >= 1).
 
     python experiments.py --load-transformer-ckpt-path transformer_checkpoints/transformer_last.pt
     python experiments.py --only-references --MaskGitConfig configs/MaskGit_small.yml
+    python experiments.py --split val --output-dir experiments_val --MaskGitConfig configs/MaskGit_demo.yml
 """
 from __future__ import annotations
 
@@ -33,21 +39,27 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from inpainting import DEFAULT_CKPT, OneLineParser, check_device, find_gt, load_gt, step_tiles, strip
+from inpainting import (DEFAULT_CKPT, OneLineParser, check_device, decoding_defaults, find_gt, load_gt, step_tiles,
+                        strip)
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config, resolve_path
 from sampler.maskgit_sampler import inpaint, tokens_to_uint8
 from sampler.schedules import GAMMAS
 from utils.checkpoint import ensure_writable_dir
-from utils.data import InpaintingTestSet
+from utils.data import ImageFolderDataset, InpaintingTestSet
 from utils.fid import compute_statistics, frechet_distance
-from utils.image import normalize, uint8_to_tensor
+from utils.image import diffuse_fill, normalize, to_uint8, uint8_to_tensor
 from utils.train_utils import close_progress_bars
 
-FIELDS = ["method", "schedule", "T", "sweet_spot", "sweet_spot_flag", "decoding", "fid", "seconds", "images", "seed"]
+FIELDS = ["method", "schedule", "T", "sweet_spot", "sweet_spot_flag", "decoding", "pixel_guidance", "seam_blend", "fid",
+          "seconds", "images", "seed", "split"]
 REFERENCES = {"telea": "OpenCV Telea (radius 3)", "oracle": "oracle: ground-truth tokens",
-              "masked_input": "masked input as is"}
-REFERENCE_COLORS = {"telea": "k", "oracle": "C7", "masked_input": "C3"}
+              "oracle_blend": "oracle + seam blend", "masked_input": "masked input as is",
+              "diffusion_fill": "diffusion fill (no learning)",
+              "fill_tokens": "no transformer: tokens of the diffusion fill + seam blend"}
+REFERENCE_COLORS = {"telea": "k", "oracle": "C7", "oracle_blend": "C7", "masked_input": "C3", "diffusion_fill": "C5",
+                    "fill_tokens": "C8"}
 TELEA_RADIUS = 3
+VAL_MASK_SEED = 12345  # the val study's holes; any fixed seed other than the test set's (prepare_dataset --seed 0)
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,8 @@ class Setting:
     total_iter: int
     sweet_spot_flag: str
     decoding: str
+    pixel_guidance: float = 0.0
+    seam_blend: bool = False
 
     @property
     def sweet_spot(self) -> int:
@@ -64,7 +78,18 @@ class Setting:
 
     @property
     def key(self) -> tuple[str, ...]:
-        return ("maskgit", self.schedule, str(self.total_iter), self.sweet_spot_flag, self.decoding)
+        return ("maskgit", self.schedule, str(self.total_iter), self.sweet_spot_flag, self.decoding,
+                str(self.pixel_guidance), on_off(self.seam_blend))
+
+    @property
+    def label(self) -> str:
+        extra = "" if self.pixel_guidance == 0 else f" guidance {self.pixel_guidance:g}"
+        return (f"{self.schedule} T={self.total_iter} sweet spot {self.sweet_spot} {self.decoding}{extra}"
+                f"{' seam blend' if self.seam_blend else ''}")
+
+
+def on_off(flag: bool) -> str:
+    return "on" if flag else "off"
 
 
 def sweet_spot_step(flag: str, total_iter: int) -> int:
@@ -98,11 +123,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--total-iters", nargs="+", type=int, default=[1, 2, 4, 8, 12], help="decoding steps T")
     p.add_argument("--sweet-spots", nargs="+", default=["T"], help="T, a step, or a fraction of T such as 0.5")
     p.add_argument("--decodings", nargs="+", choices=["sample", "argmax"], default=["sample", "argmax"])
-    p.add_argument("--only-references", action="store_true", help="only the Telea, oracle and masked-input rows")
+    p.add_argument("--pixel-guidances", nargs="+", type=float, default=None,
+                   help="pixel-guidance strengths (sampler docstring; default: the config's `pixel_guidance`, else 0)")
+    p.add_argument("--seam-blends", nargs="+", choices=["on", "off"], default=None,
+                   help="seam blend on/off (sampler docstring; default: the config's `seam_blend`, else off)")
+    p.add_argument("--only-references", action="store_true", help="only the reference rows")
+    p.add_argument("--references", nargs="*", choices=list(REFERENCES), default=list(REFERENCES),
+                   help="which reference rows to measure (default: all; none: --references with no value)")
     p.add_argument("--resume", action="store_true", help="keep results.csv and skip the settings already in it")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=32, help="images per transformer / VQGAN / Inception batch")
-    p.add_argument("--partial", type=float, default=1.0, help="fraction of the test set to use (the first ones)")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="test: the prepared masked test set; val: --val_d_path with stroke holes (for tuning)")
+    p.add_argument("--val_d_path", default="./cat_face/val/", help="clean val images, used with --split val")
+    p.add_argument("--partial", type=float, default=1.0, help="fraction of the set to use (the first ones)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--MaskGitConfig", default="configs/MaskGit.yml")
     p.add_argument("--load-transformer-ckpt-path", default=None,
@@ -118,6 +152,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.mask_funcs, args.decodings = list(dict.fromkeys(args.mask_funcs)), list(dict.fromkeys(args.decodings))
     args.total_iters, args.sweet_spots = list(dict.fromkeys(args.total_iters)), list(dict.fromkeys(args.sweet_spots))
+    if args.pixel_guidances is not None:
+        args.pixel_guidances = list(dict.fromkeys(args.pixel_guidances))
+        if min(args.pixel_guidances) < 0:
+            p.error(f"--pixel-guidances must all be >= 0, got {min(args.pixel_guidances)}")
+    if args.seam_blends is not None:
+        args.seam_blends = list(dict.fromkeys(args.seam_blends))
     if min(args.total_iters) < 1:
         p.error(f"--total-iters must all be >= 1, got {min(args.total_iters)}")
     for flag in args.sweet_spots:
@@ -131,8 +171,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def sweep(args: argparse.Namespace) -> list[Setting]:
-    return [Setting(s, t, f, d) for s, d, f, t in
-            itertools.product(args.mask_funcs, args.decodings, args.sweet_spots, args.total_iters)]
+    return [Setting(s, t, f, d, g, b == "on") for s, d, g, b, f, t in
+            itertools.product(args.mask_funcs, args.decodings, args.pixel_guidances, args.seam_blends,
+                              args.sweet_spots, args.total_iters)]
 
 
 # ------------------------------------------------------------------------------------------------ inpainting
@@ -145,15 +186,34 @@ def telea_inpaint(masked: np.ndarray, known: np.ndarray, radius: int = TELEA_RAD
 
 
 def oracle_inpaint(model: MaskGit, gt: np.ndarray, masked: np.ndarray, known: np.ndarray, batch_size: int,
-                   device: torch.device) -> np.ndarray:
+                   device: torch.device, split: str = "test", seam_blend: bool = False) -> np.ndarray:
     """The ground truth's own VQGAN tokens decoded, known pixels pasted back from the masked input: what a
     transformer that predicts every token right would give, i.e. the FID this VQGAN leaves reachable."""
+    return _decode_tokens_of(model, gt, masked, known, batch_size, device, split, seam_blend)
+
+
+def fill_tokens_inpaint(model: MaskGit, masked: np.ndarray, known: np.ndarray, batch_size: int,
+                        device: torch.device, split: str = "test") -> np.ndarray:
+    """No transformer: the VQGAN tokens of the diffusion-filled image, decoded and seam-blended."""
+    return _decode_tokens_of(model, diffusion_fill(masked, known), masked, known, batch_size, device, split, True)
+
+
+def _decode_tokens_of(model: MaskGit, source: np.ndarray, masked: np.ndarray, known: np.ndarray, batch_size: int,
+                      device: torch.device, split: str, seam_blend: bool) -> np.ndarray:
+    """Tokenize `source` (uint8), decode, paste the known pixels of `masked` back."""
     out = []
-    for s in range(0, len(gt), batch_size):
+    for s in range(0, len(source), batch_size):
         batch = slice(s, s + batch_size)
-        _, tokens = model.encode_to_z(normalize(uint8_to_tensor(gt[batch]), "test").to(device))
-        out.append(tokens_to_uint8(model, tokens, masked[batch], torch.from_numpy(known[batch, None])))
+        _, tokens = model.encode_to_z(normalize(uint8_to_tensor(source[batch]), split).to(device))
+        out.append(tokens_to_uint8(model, tokens, masked[batch], torch.from_numpy(known[batch, None]), split,
+                                   seam_blend))
     return np.concatenate(out)
+
+
+def diffusion_fill(masked: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """utils.image.diffuse_fill on uint8 images [N, H, W, 3] with bool [N, H, W] known masks."""
+    filled = diffuse_fill(uint8_to_tensor(masked), torch.from_numpy(known[:, None]))
+    return to_uint8(filled)
 
 
 def inpaint_set(model: MaskGit, loader: DataLoader, device: torch.device, seed: int, **kwargs) -> np.ndarray:
@@ -183,7 +243,8 @@ class FIDScorer:
 # ------------------------------------------------------------------------------------------------ results
 
 def row_key(row: dict[str, str]) -> tuple[str, ...]:
-    return tuple(row[k] for k in ("method", "schedule", "T", "sweet_spot_flag", "decoding"))
+    return tuple(row[k] for k in ("method", "schedule", "T", "sweet_spot_flag", "decoding", "pixel_guidance",
+                                  "seam_blend"))
 
 
 def read_results(path: Path) -> list[dict[str, str]]:
@@ -205,7 +266,8 @@ def append_row(path: Path, row: dict[str, object]) -> None:
         writer.writerow(row)
 
 
-def previous_rows(path: Path, resume: bool, images: int, seed: int) -> dict[tuple[str, ...], dict[str, str]]:
+def previous_rows(path: Path, resume: bool, images: int, seed: int, split: str
+                  ) -> dict[tuple[str, ...], dict[str, str]]:
     """The rows already measured when resuming; otherwise an old results.csv is replaced."""
     if not resume:
         if path.exists():
@@ -216,26 +278,32 @@ def previous_rows(path: Path, resume: bool, images: int, seed: int) -> dict[tupl
         return {}
     rows = read_results(path)
     for row in rows:
-        if row["images"] != str(images) or (row["method"] == "maskgit" and row["seed"] != str(seed)):
-            raise ValueError(f"{path}: rows were measured on {row['images']} images with seed {row['seed'] or '-'}, "
-                             f"this run uses {images} images and seed {seed}; resume with the same --partial and "
-                             "--seed, or drop --resume to start over")
+        if (row["images"] != str(images) or row["split"] != split
+                or (row["method"] == "maskgit" and row["seed"] != str(seed))):
+            raise ValueError(f"{path}: rows were measured on {row['images']} {row['split']} images with seed "
+                             f"{row['seed'] or '-'}, this run uses {images} {split} images and seed {seed}; resume "
+                             "with the same --split, --partial and --seed, or drop --resume to start over")
     return {row_key(row): row for row in rows}
 
 
 def sorted_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """References first (in REFERENCES order), then MaskGIT rows by schedule, decoding, sweet spot and T."""
+    """References first (in REFERENCES order), then MaskGIT rows by schedule, decoding, guidance, blend, sweet
+    spot and T."""
     order = [*REFERENCES, "maskgit"]
-    return sorted(rows, key=lambda r: (order.index(r["method"]), r["schedule"], r["decoding"], r["sweet_spot_flag"],
+    return sorted(rows, key=lambda r: (order.index(r["method"]), r["schedule"], r["decoding"],
+                                       float(r["pixel_guidance"] or 0), r["seam_blend"], r["sweet_spot_flag"],
                                        int(r["T"] or 0)))
 
 
 def write_markdown(rows: list[dict[str, str]], path: Path) -> str:
-    lines = [f"FID on {rows[0]['images']} test images (lower is better); seconds: wall time of inpainting the set.", "",
-             "| schedule | T | sweet spot | decoding | FID | seconds |", "| --- | ---: | ---: | --- | ---: | ---: |"]
+    lines = [f"FID on {rows[0]['images']} {rows[0]['split']} images (lower is better); seconds: wall time of "
+             "inpainting the set.", "",
+             "| schedule | T | sweet spot | decoding | pixel guidance | seam blend | FID | seconds |",
+             "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: |"]
     for r in sorted_rows(rows):
         name = REFERENCES.get(r["method"], r["schedule"])
         lines.append(f"| {name} | {r['T'] or '-'} | {r['sweet_spot'] or '-'} | {r['decoding'] or '-'} | "
+                     f"{r['pixel_guidance'] or '-'} | {r['seam_blend'] or '-'} | "
                      f"{float(r['fid']):.2f} | {float(r['seconds']):.2f} |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
@@ -243,19 +311,24 @@ def write_markdown(rows: list[dict[str, str]], path: Path) -> str:
 
 
 def plot_fid_vs_t(rows: list[dict[str, str]], path: Path) -> None:
-    """One line per (schedule, decoding, sweet spot): colour = schedule, dashes = argmax, marker = sweet spot;
-    references as dotted horizontal lines."""
+    """One line per (schedule, decoding, guidance, blend, sweet spot): colour = schedule, dashes = argmax, marker =
+    sweet spot, thicker = pixel guidance or seam blend on; references as dotted horizontal lines."""
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
     maskgit = [r for r in sorted_rows(rows) if r["method"] == "maskgit"]
     colors = {s: f"C{i}" for i, s in enumerate(dict.fromkeys(r["schedule"] for r in maskgit))}
     markers = dict(zip(dict.fromkeys(r["sweet_spot_flag"] for r in maskgit), itertools.cycle("os^vDP*X")))
-    for (schedule, decoding, flag), group in itertools.groupby(
-            maskgit, key=lambda r: (r["schedule"], r["decoding"], r["sweet_spot_flag"])):
+    for (schedule, decoding, guidance, blend, flag), group in itertools.groupby(
+            maskgit, key=lambda r: (r["schedule"], r["decoding"], r["pixel_guidance"], r["seam_blend"],
+                                    r["sweet_spot_flag"])):
         group = list(group)
-        label = f"{schedule}, {decoding}" + ("" if flag == "T" else f", sweet spot {flag}")
+        improved = float(guidance) > 0 or blend == "on"
+        label = (f"{schedule}, {decoding}" + ("" if flag == "T" else f", sweet spot {flag}")
+                 + (f", guidance {float(guidance):g}" if float(guidance) > 0 else "")
+                 + (", seam blend" if blend == "on" else ""))
         ax.plot([int(r["T"]) for r in group], [float(r["fid"]) for r in group], color=colors[schedule],
-                linestyle="--" if decoding == "argmax" else "-", marker=markers[flag], label=label)
+                linestyle="--" if decoding == "argmax" else "-", marker=markers[flag], label=label,
+                linewidth=2.5 if improved else 1.2)
     for r in sorted_rows(rows):
         if r["method"] in REFERENCES:
             fid = float(r["fid"])
@@ -269,7 +342,7 @@ def plot_fid_vs_t(rows: list[dict[str, str]], path: Path) -> None:
     ax.set_ylim(min(focus) - margin, max(focus) + margin)
     ax.set_xlabel("decoding steps T")
     ax.set_ylabel("FID (lower is better)")
-    ax.set_title(f"Inpainting FID on {rows[0]['images']} test images")
+    ax.set_title(f"Inpainting FID on {rows[0]['images']} {rows[0]['split']} images")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
@@ -277,8 +350,8 @@ def plot_fid_vs_t(rows: list[dict[str, str]], path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ figure
 
 def decoding_mosaic(model: MaskGit, dataset: InpaintingTestSet, gt: np.ndarray, count: int, schedules: list[str],
-                    total_iter: int, argmax: bool, seed: int, device: torch.device
-                    ) -> tuple[np.ndarray, list[str], list[str]]:
+                    total_iter: int, argmax: bool, seed: int, device: torch.device, pixel_guidance: float = 0.0,
+                    seam_blend: bool = False) -> tuple[np.ndarray, list[str], list[str]]:
     """uint8 mosaic with one row per (test image, schedule), image-major: the masked input, then the latent mask
     (white = known) and the decoded image after each of the T steps, then the ground truth. Returns it with its
     row and column labels."""
@@ -287,8 +360,9 @@ def decoding_mosaic(model: MaskGit, dataset: InpaintingTestSet, gt: np.ndarray, 
     rows = {}
     for schedule in schedules:
         generator = torch.Generator(device).manual_seed(seed)
-        result = inpaint(model, images, known, total_iter=total_iter, gamma_type=schedule, argmax=argmax,
-                         generator=generator, keep_steps=True)
+        result = inpaint(model, images, known, split=dataset.split, total_iter=total_iter, gamma_type=schedule,
+                         argmax=argmax, generator=generator, keep_steps=True, pixel_guidance=pixel_guidance,
+                         seam_blend=seam_blend)
         masks, steps = step_tiles(model, result, list(range(count)), known, paste_back=True)
         for i in range(count):
             interleaved = np.stack([masks[i], steps[i]], axis=1).reshape(-1, *steps.shape[2:])
@@ -313,17 +387,12 @@ def save_mosaic(mosaic: np.ndarray, row_labels: list[str], col_labels: list[str]
 
 # ------------------------------------------------------------------------------------------------ main
 
-def run(args: argparse.Namespace) -> None:
-    device = check_device(args.device)
+def test_set(args: argparse.Namespace) -> tuple[InpaintingTestSet, np.ndarray]:
+    """The prepared masked test images and their ground truth."""
     for flag, folder in (("--test-maskedimage-path", args.test_maskedimage_path), ("--test-mask-path", args.test_mask_path)):
         if not Path(folder).is_dir():
             raise ValueError(f"{flag} {folder}: folder not found; prepare the dataset or pass the right folder")
-    out_dir = ensure_writable_dir(args.output_dir, "--output-dir")
-    cfg = load_maskgit_config(args.MaskGitConfig)
     dataset = InpaintingTestSet(args.test_maskedimage_path, args.test_mask_path, split="test")
-    n = math.ceil(args.partial * len(dataset))
-    if n < 2:
-        raise ValueError(f"--partial {args.partial} leaves {n} test image; FID needs at least 2")
     gt_path = find_gt(args)
     if gt_path is None:
         raise ValueError(f"no test_gt.csv or test_gt/ beside {args.test_maskedimage_path}; pass --gt")
@@ -331,16 +400,38 @@ def run(args: argparse.Namespace) -> None:
     if len(gt) != len(dataset):
         raise ValueError(f"{gt_path}: {len(gt)} ground-truth images for {len(dataset)} test images; "
                          "pass the matching --gt")
+    return dataset, gt
+
+
+def val_set(args: argparse.Namespace) -> tuple[InpaintingTestSet, np.ndarray]:
+    """The clean val images with stroke holes drawn from VAL_MASK_SEED; the clean images are the ground truth."""
+    clean = ImageFolderDataset(args.val_d_path, split="val")
+    return InpaintingTestSet.with_stroke_masks(clean.images, [p.name for p in clean.paths], VAL_MASK_SEED), clean.images
+
+
+def run(args: argparse.Namespace) -> None:
+    device = check_device(args.device)
+    out_dir = ensure_writable_dir(args.output_dir, "--output-dir")
+    cfg = load_maskgit_config(args.MaskGitConfig)
+    dataset, gt = val_set(args) if args.split == "val" else test_set(args)
+    n = math.ceil(args.partial * len(dataset))
+    if n < 2:
+        raise ValueError(f"--partial {args.partial} leaves {n} image; FID needs at least 2")
     gt, masked, known = gt[:n], dataset.images[:n], dataset.known[:n]
 
+    defaults = decoding_defaults(cfg, args.MaskGitConfig)
+    if args.pixel_guidances is None:
+        args.pixel_guidances = [defaults["pixel_guidance"]]
+    if args.seam_blends is None:
+        args.seam_blends = [on_off(defaults["seam_blend"])]
     model = MaskGit(cfg).to(device).eval()
     if not args.only_references:
         model.load_transformer_checkpoint(
             resolve_path(args.load_transformer_ckpt_path or cfg.get("transformer_ckpt") or DEFAULT_CKPT))
 
     csv_path = out_dir / "results.csv"
-    done = previous_rows(csv_path, args.resume, n, args.seed)
-    references = [m for m in REFERENCES if (m, "", "", "", "") not in done]
+    done = previous_rows(csv_path, args.resume, n, args.seed, args.split)
+    references = [m for m in args.references if (m, "", "", "", "", "", "") not in done]
     settings = [] if args.only_references else [s for s in sweep(args) if s.key not in done]
     if done:
         print(f"resuming {csv_path}: {len(done)} rows already measured", file=sys.stderr)
@@ -351,28 +442,35 @@ def run(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         if method == "telea":
             images = telea_inpaint(masked, known)
-        elif method == "oracle":
-            images = oracle_inpaint(model, gt, masked, known, args.batch_size, device)
+        elif method in ("oracle", "oracle_blend"):
+            images = oracle_inpaint(model, gt, masked, known, args.batch_size, device, dataset.split,
+                                    seam_blend=method == "oracle_blend")
+        elif method == "diffusion_fill":
+            images = diffusion_fill(masked, known)
+        elif method == "fill_tokens":
+            images = fill_tokens_inpaint(model, masked, known, args.batch_size, device, dataset.split)
         else:
             images = masked
         seconds = time.perf_counter() - start
         fid = score(images)
         append_row(csv_path, dict(method=method, schedule="", T="", sweet_spot="", sweet_spot_flag="", decoding="",
-                                  fid=fid, seconds=seconds, images=n, seed=""))
+                                  pixel_guidance="", seam_blend="", fid=fid, seconds=seconds, images=n, seed="",
+                                  split=args.split))
         bar.write(f"{REFERENCES[method]}: FID {fid:.2f}")
         bar.update()
     loader = DataLoader(Subset(dataset, range(n)), batch_size=args.batch_size, shuffle=False)
     for s in settings:
         start = time.perf_counter()
-        images = inpaint_set(model, loader, device, args.seed, total_iter=s.total_iter, gamma_type=s.schedule,
-                             sweet_spot=s.sweet_spot, argmax=s.decoding == "argmax")
+        images = inpaint_set(model, loader, device, args.seed, split=dataset.split, total_iter=s.total_iter,
+                             gamma_type=s.schedule, sweet_spot=s.sweet_spot, argmax=s.decoding == "argmax",
+                             pixel_guidance=s.pixel_guidance, seam_blend=s.seam_blend)
         seconds = time.perf_counter() - start
         fid = score(images)
         append_row(csv_path, dict(method="maskgit", schedule=s.schedule, T=s.total_iter, sweet_spot=s.sweet_spot,
-                                  sweet_spot_flag=s.sweet_spot_flag, decoding=s.decoding, fid=fid, seconds=seconds,
-                                  images=n, seed=args.seed))
-        bar.write(f"{s.schedule} T={s.total_iter} sweet spot {s.sweet_spot} {s.decoding}: "
-                  f"FID {fid:.2f} ({seconds:.1f} s)")
+                                  sweet_spot_flag=s.sweet_spot_flag, decoding=s.decoding,
+                                  pixel_guidance=s.pixel_guidance, seam_blend=on_off(s.seam_blend), fid=fid,
+                                  seconds=seconds, images=n, seed=args.seed, split=args.split))
+        bar.write(f"{s.label}: FID {fid:.2f} ({seconds:.1f} s)")
         bar.update()
     bar.close()
 
@@ -381,9 +479,10 @@ def run(args: argparse.Namespace) -> None:
         total_iter = max(args.total_iters)
         mosaic, row_labels, col_labels = decoding_mosaic(
             model, dataset, gt, min(args.figure_images, n), args.mask_funcs, total_iter,
-            args.decodings[0] == "argmax", args.seed, device)
+            args.decodings[0] == "argmax", args.seed, device, args.pixel_guidances[0], args.seam_blends[0] == "on")
         save_mosaic(mosaic, row_labels, col_labels, out_dir / "decoding_figure.png",
-                    f"iterative decoding, T={total_iter}, {args.decodings[0]}")
+                    f"iterative decoding, T={total_iter}, {args.decodings[0]}, pixel guidance "
+                    f"{args.pixel_guidances[0]:g}, seam blend {args.seam_blends[0]}")
     rows = read_results(csv_path)
     print(write_markdown(rows, out_dir / "results.md"), end="")
     plot_fid_vs_t(rows, out_dir / "fid_vs_T.png")

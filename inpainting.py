@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the token distribution")
     p.add_argument("--choice-temperature", type=float, default=None,
                    help="Gumbel noise scale of the confidence ranking (default: the config's, 4.5 in the lab)")
+    p.add_argument("--pixel-guidance", type=float, default=None,
+                   help="pull of the known pixels on partly known tokens (sampler docstring; 0: the lab's decoding; "
+                        "default: the config's `pixel_guidance`, else 0)")
+    p.add_argument("--seam-blend", action=argparse.BooleanOptionalAction, default=None,
+                   help="blend the fill into its border (sampler docstring; default: the config's `seam_blend`, "
+                        "else off)")
     p.add_argument("--no-paste-back", action="store_true", help="keep the raw VQGAN decode at known pixels too")
     p.add_argument("--fp32", action="store_true", help="run the transformer in fp32 (default: bf16 autocast)")
     p.add_argument("--visualize", type=int, default=8, help="how many test images get mask_scheduling/ and imga/")
@@ -81,7 +87,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--partial must be in (0, 1], got {args.partial}")
     if args.temperature <= 0 or (args.choice_temperature is not None and args.choice_temperature < 0):
         p.error("--temperature must be > 0 and --choice-temperature >= 0")
+    if args.pixel_guidance is not None and args.pixel_guidance < 0:
+        p.error(f"--pixel-guidance must be >= 0, got {args.pixel_guidance}")
+    if args.seam_blend and args.no_paste_back:
+        p.error("--seam-blend blends the fill into the pasted-back known pixels; drop --no-paste-back")
     return args
+
+
+def decoding_defaults(cfg: dict, config_path: str) -> dict:
+    """The config's decoding choices (`decoding`, `pixel_guidance`, `seam_blend`), checked; the lab's when absent."""
+    decoding = cfg.get("decoding", "sample")
+    if decoding not in ("sample", "argmax"):
+        raise ValueError(f"{config_path}: model_param.decoding is {decoding!r}; use sample or argmax")
+    guidance = cfg.get("pixel_guidance", 0.0)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 0:
+        raise ValueError(f"{config_path}: model_param.pixel_guidance is {guidance!r}; use a number >= 0")
+    blend = cfg.get("seam_blend", False)
+    if not isinstance(blend, bool):
+        raise ValueError(f"{config_path}: model_param.seam_blend is {blend!r}; use true or false")
+    return {"decoding": decoding, "pixel_guidance": float(guidance), "seam_blend": blend}
 
 
 def check_device(name: str) -> torch.device:
@@ -126,7 +150,8 @@ def step_tiles(model: MaskGit, result: InpaintOutput, rows: list[int], known: to
     steps, size = len(result.decode.step_tokens), result.masked.shape[1]
     tokens = torch.stack(result.decode.step_tokens)[:, rows].flatten(0, 1)  # [S*R, N], step-major
     base = np.tile(result.masked[rows], (steps, 1, 1, 1)) if paste_back else None
-    images = tokens_to_uint8(model, tokens, base, known[rows].repeat(steps, 1, 1, 1))
+    images = tokens_to_uint8(model, tokens, base, known[rows].repeat(steps, 1, 1, 1), result.split,
+                             result.seam_blend)
     images = images.reshape(steps, len(rows), *images.shape[1:]).swapaxes(0, 1)
     res = model.vqgan.latent_resolution
     masks = ~torch.stack(result.decode.step_masks)[:, rows].view(steps, len(rows), res, res).cpu().numpy()
@@ -151,9 +176,13 @@ def run(args: argparse.Namespace) -> None:
             raise ValueError(f"{flag} {folder}: folder not found; prepare the dataset or pass the right folder")
     cfg = load_maskgit_config(args.MaskGitConfig)
     ckpt = resolve_path(args.load_transformer_ckpt_path or cfg.get("transformer_ckpt") or DEFAULT_CKPT)
-    decoding = args.decoding or cfg.get("decoding", "sample")
-    if decoding not in ("sample", "argmax"):
-        raise ValueError(f"{args.MaskGitConfig}: model_param.decoding is {decoding!r}; use sample or argmax")
+    defaults = decoding_defaults(cfg, args.MaskGitConfig)
+    decoding = args.decoding or defaults["decoding"]
+    guidance = defaults["pixel_guidance"] if args.pixel_guidance is None else args.pixel_guidance
+    blend = defaults["seam_blend"] if args.seam_blend is None else args.seam_blend
+    if blend and args.no_paste_back:
+        raise ValueError(f"{args.MaskGitConfig}: model_param.seam_blend is on, which needs the pasted-back known "
+                         "pixels; pass --no-seam-blend with --no-paste-back")
     with warnings.catch_warnings(record=True) as caught:  # one line each, not Python's two-line format
         warnings.simplefilter("always")
         dataset = InpaintingTestSet(args.test_maskedimage_path, args.test_mask_path, split="test")
@@ -183,7 +212,7 @@ def run(args: argparse.Namespace) -> None:
         result = inpaint(model, images, known, paste_back=not args.no_paste_back, total_iter=args.total_iter,
                          gamma_type=args.mask_func, sweet_spot=args.sweet_spot, temperature=args.temperature,
                          choice_temperature=args.choice_temperature, argmax=decoding == "argmax", generator=generator,
-                         bf16=not args.fp32, keep_steps=bool(rows))
+                         bf16=not args.fp32, keep_steps=bool(rows), pixel_guidance=guidance, seam_blend=blend)
         for r, i in enumerate(index):
             save_png(result.images[r], out_dir / "test_results" / RESULT_NAME.format(i))
         if rows:

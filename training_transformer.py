@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save-per-epoch", type=int, default=1, help="write transformer_epoch_N.pt every N epochs")
     p.add_argument("--start-from-epoch", type=int, default=0,
                    help="load transformer_epoch_N.pt and train epochs N+1..--epochs (new optimizer and schedule; "
-                        "--resume continues exactly instead)")
+                        "--resume continues exactly instead, also a run that was started this way)")
     p.add_argument("--ckpt-interval", type=int, default=0,
                    help="also write training_state.pt every N optimizer steps (0: at the end of every epoch only)")
     p.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate")
@@ -101,8 +101,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--partial must be in (0, 1], got {args.partial}")
     if not 0 <= args.start_from_epoch < args.epochs:
         raise UserError(f"--start-from-epoch {args.start_from_epoch} must be below --epochs {args.epochs}")
-    if args.resume and args.start_from_epoch:
-        raise UserError("--resume and --start-from-epoch exclude each other; --resume continues the saved state")
     if not 0.0 <= args.ema_decay < 1.0:
         raise UserError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if min(args.warmup_steps, args.ckpt_interval, args.max_steps, args.num_workers) < 0:
@@ -152,6 +150,8 @@ def _train(args: argparse.Namespace, env: DistEnv) -> tuple[BidirectionalTransfo
     state_path = out / "training_state.pt"
     state = load_training_state(state_path) if args.resume else None
     if state is not None:
+        if not args.start_from_epoch:  # a run started with --start-from-epoch N resumes with --resume alone
+            args.start_from_epoch = state["args"]["start_from_epoch"]
         for flag in RUN_SHAPE_FLAGS:
             if state["args"][flag] != getattr(args, flag):
                 raise UserError(f"--resume: --{flag.replace('_', '-')} was {state['args'][flag]} in the saved run, "
@@ -165,7 +165,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> tuple[BidirectionalTransfo
     maskgit = MaskGit(cfg)
     model = maskgit.transformer.to(env.device)
     seed_everything(args.seed + env.rank)  # from here on, ranks draw different masks and dropout
-    if args.start_from_epoch:
+    if args.start_from_epoch and state is None:
         path = out / f"transformer_epoch_{args.start_from_epoch}.pt"
         load_state_dict_strict(model, load_weights(path), source=str(path))
 

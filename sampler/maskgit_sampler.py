@@ -14,6 +14,16 @@ filled with that step's candidates (the lab's "take the image at step s"); s = T
 
 Images in one batch may have different numbers of masked tokens: the re-masking ranks every row's confidences
 and compares the ranks with a per-row n_t, so no step loops over images.
+
+Two additions beyond the lab, both off by default (pixel_guidance=0, seam_blend=False gives the lab's decoding):
+- pixel guidance: a token whose 4x4 patch is partly known is still masked (the lab's rule), but its known pixels
+  say a lot about it. The VQGAN encoder reads the image with its holes diffusion-filled (utils.image.diffuse_fill)
+  and each masked token's logits get  -pixel_guidance * known_fraction * ||z - e_k||^2 / median_nearest  added:
+  a product of the transformer's distribution and a likelihood from the known pixels, weighted by how much of
+  the patch is known (a patch that is all hole gets no pull). The known tokens come from the same reading.
+- seam blend: the decoded image and the known pixels disagree slightly (the VQGAN is lossy), which leaves a
+  visible seam around every stroke once the known pixels are pasted back. The residual known - decoded is
+  diffusion-filled into the holes and added to the decoded pixels there, so the fill meets its border exactly.
 """
 from __future__ import annotations
 
@@ -23,10 +33,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from sampler.latent_mask import latent_known_mask
 from sampler.schedules import gamma_func
-from utils.image import denormalize, to_uint8
+from utils.image import denormalize, diffuse_fill, to_uint8
 
 
 @dataclass
@@ -41,11 +52,13 @@ class DecodeOutput:
 @dataclass
 class InpaintOutput:
     """images: uint8 [B, H, W, 3]; masked: the input in uint8; known_tokens: bool [B, N] (the latent mask,
-    True = known); decode: the tokens."""
+    True = known); decode: the tokens; split and seam_blend: how `images` were made from them."""
     images: np.ndarray
     masked: np.ndarray
     known_tokens: torch.Tensor
     decode: DecodeOutput
+    split: str = "test"
+    seam_blend: bool = False
 
 
 def gumbel_noise(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -67,11 +80,12 @@ def _sample(logp: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
 def decode(transformer: nn.Module, tokens: torch.Tensor, masked: torch.Tensor, *, total_iter: int = 8,
            gamma_type: str = "cosine", sweet_spot: int | None = None, temperature: float = 1.0,
            choice_temperature: float = 4.5, argmax: bool = False, generator: torch.Generator | None = None,
-           bf16: bool = True, keep_steps: bool = False) -> DecodeOutput:
+           bf16: bool = True, keep_steps: bool = False, logit_bias: torch.Tensor | None = None) -> DecodeOutput:
     """Fill the `masked` (bool [B, N]) positions of `tokens` (LongTensor [B, N]) by the rule in the module docstring.
 
     The transformer (in eval mode) needs `.mask_token_id` and `.num_codebook_vectors`. bf16 runs its forward under
-    autocast; the softmax, sampling and ranking are always fp32.
+    autocast; the softmax, sampling and ranking are always fp32. `logit_bias` [B, N, K] (e.g. pixel_evidence) is
+    added to the logits of the real codes before the softmax.
     """
     if total_iter < 1:
         raise ValueError(f"total_iter must be >= 1, got {total_iter}")
@@ -87,7 +101,10 @@ def decode(transformer: nn.Module, tokens: torch.Tensor, masked: torch.Tensor, *
     for t in range(steps):
         with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = transformer(tokens)
-        logp = (logits[cur][:, :k].float() / temperature).log_softmax(dim=-1)  # [M, K], masked rows only
+        logits = logits[cur][:, :k].float()  # [M, K], masked rows only
+        if logit_bias is not None:
+            logits = logits + logit_bias[cur]
+        logp = (logits / temperature).log_softmax(dim=-1)
         cand = logp.argmax(dim=-1) if argmax else _sample(logp, generator)
         filled = tokens.masked_scatter(cur, cand)
         conf = torch.full(cur.shape, math.inf, device=tokens.device)
@@ -105,34 +122,61 @@ def decode(transformer: nn.Module, tokens: torch.Tensor, masked: torch.Tensor, *
 
 
 def tokens_to_uint8(model: nn.Module, tokens: torch.Tensor, base: np.ndarray | None = None,
-                    pixel_known: torch.Tensor | None = None, split: str = "test") -> np.ndarray:
+                    pixel_known: torch.Tensor | None = None, split: str = "test", seam_blend: bool = False
+                    ) -> np.ndarray:
     """VQGAN-decode tokens [B, N] to uint8 [B, H, W, 3]; with `base` (uint8 [B, H, W, 3]) and `pixel_known`
-    (bool [B, 1, H, W]) the known pixels are pasted back from `base`, in uint8 so that they are exact."""
+    (bool [B, 1, H, W]) the known pixels are pasted back from `base`, in uint8 so that they are exact, after the
+    seam blend (module docstring) when asked."""
     with torch.inference_mode():
-        images = to_uint8(denormalize(model.decode_tokens(tokens).float(), split))
+        decoded = denormalize(model.decode_tokens(tokens).float(), split)
+        if seam_blend and base is not None:
+            known = pixel_known.reshape(base.shape[0], 1, base.shape[1], base.shape[2]).to(decoded.device)
+            target = torch.from_numpy(base).to(decoded.device).permute(0, 3, 1, 2).float() / 255
+            decoded = (decoded + diffuse_fill(target - decoded, known)).clamp_(0, 1)
+        images = to_uint8(decoded)
     if base is None:
         return images
     keep = pixel_known.reshape(base.shape[0], base.shape[1], base.shape[2], 1).cpu().numpy()
     return np.where(keep, base, images)
 
 
+def pixel_evidence(model: nn.Module, z: torch.Tensor, pixel_known: torch.Tensor, strength: float) -> torch.Tensor:
+    """The pixel-guidance logit bias [B, N, K] (module docstring) from the encoder output z [B, D, h, w] of the
+    diffusion-filled image. Distances are divided by each image's median distance to the nearest code, so that
+    `strength` does not depend on the VQGAN's latent scale."""
+    codebook, res = model.vqgan.codebook, model.vqgan.latent_resolution
+    d = codebook.squared_distances(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])).view(z.shape[0], res * res, -1)
+    scale = d.min(dim=-1).values.median(dim=1).values.clamp(min=1e-12)
+    patch = pixel_known.shape[-1] // res
+    known_fraction = F.avg_pool2d(pixel_known.float(), patch).flatten(1)  # [B, N]
+    return -strength * known_fraction[..., None] * d / scale[:, None, None]
+
+
 @torch.inference_mode()
 def inpaint(model: nn.Module, images: torch.Tensor, pixel_known: torch.Tensor, *, paste_back: bool = True,
             split: str = "test", total_iter: int = 8, gamma_type: str | None = None,
-            choice_temperature: float | None = None, **decode_kwargs) -> InpaintOutput:
+            choice_temperature: float | None = None, pixel_guidance: float = 0.0, seam_blend: bool = False,
+            **decode_kwargs) -> InpaintOutput:
     """Inpaint a batch: normalized masked images [B, 3, H, W] and pixel masks bool [B, 1, H, W] (True = known).
 
     `model` is a MaskGit (vqgan, transformer, encode_to_z, decode_tokens); gamma_type and choice_temperature
-    default to its config; decode_kwargs (sweet_spot, temperature, argmax, generator, bf16, keep_steps) go to
-    decode. The VQGAN runs in fp32, once to encode and once to decode; step images are left to the caller.
+    default to its config; pixel_guidance and seam_blend are the module docstring's additions (seam_blend needs
+    paste_back); decode_kwargs (sweet_spot, temperature, argmax, generator, bf16, keep_steps) go to decode.
+    The VQGAN runs in fp32, once to encode and once to decode; step images are left to the caller.
     """
     known = latent_known_mask(pixel_known, model.vqgan.latent_resolution)
-    _, indices = model.encode_to_z(images)
+    bias = None
+    if pixel_guidance > 0:
+        z = model.vqgan.encode_continuous(diffuse_fill(images, pixel_known)).float()
+        indices = model.vqgan.codebook.nearest(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])).view(z.shape[0], -1)
+        bias = pixel_evidence(model, z, pixel_known, pixel_guidance)
+    else:
+        _, indices = model.encode_to_z(images)
     result = decode(model.transformer, indices, ~known, total_iter=total_iter,
                     gamma_type=gamma_type or model.gamma_type,
                     choice_temperature=model.choice_temperature if choice_temperature is None else choice_temperature,
-                    **decode_kwargs)
+                    logit_bias=bias, **decode_kwargs)
     # the masked input, back in uint8: normalize -> denormalize -> round is exact for every 8-bit value
     masked = to_uint8(denormalize(images.float(), split))
-    images = tokens_to_uint8(model, result.tokens, masked if paste_back else None, pixel_known, split)
-    return InpaintOutput(images, masked, known, result)
+    images = tokens_to_uint8(model, result.tokens, masked if paste_back else None, pixel_known, split, seam_blend)
+    return InpaintOutput(images, masked, known, result, split, seam_blend and paste_back)

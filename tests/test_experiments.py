@@ -14,14 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tiny_maskgit import TINY_TRANSFORMER, make_tiny_setup
+from tiny_maskgit import TINY_TRANSFORMER, make_tiny_setup, one_line_error, write_masked_test_set
 
 import experiments
 from benchmarks.inpaint_throughput import brush_masks
 from inpainting import TILE_PAD
 from models.Transformer import BidirectionalTransformer
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config
-from utils.data import InpaintingTestSet, write_gt_csv
+from utils.data import InpaintingTestSet
 from utils.image import save_png
 
 N_TEST = 6
@@ -49,12 +49,7 @@ def lab(tmp_path_factory):
     gt = (255 * smooth).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     known = brush_masks(N_TEST, seed=2)[:, 0].numpy()
     data = root / "cat_face"
-    for folder in ("masked_image", "mask64"):
-        (data / folder).mkdir(parents=True)
-    for i in range(N_TEST):
-        save_png(np.where(known[i, ..., None], gt[i], 128).astype(np.uint8), data / "masked_image" / f"image_{i:03d}.png")
-        Image.fromarray(known[i].astype(np.uint8) * 255, mode="L").save(data / "mask64" / f"mask_{i:03d}.png")
-    write_gt_csv(data / "test_gt.csv", gt)
+    write_masked_test_set(data, gt, known)
     return setup, ckpt, data, gt, known
 
 
@@ -84,16 +79,19 @@ def sweep(lab, tmp_path_factory):
 
 def test_one_row_per_setting_plus_references(sweep):
     out, rows = sweep
-    assert len(rows) == 3 + len(SCHEDULES) * len(TS) * len(FLAGS) * len(DECODINGS)
-    assert [r["method"] for r in rows[:3]] == ["telea", "oracle", "masked_input"]
+    refs = len(experiments.REFERENCES)
+    assert len(rows) == refs + len(SCHEDULES) * len(TS) * len(FLAGS) * len(DECODINGS)
+    assert [r["method"] for r in rows[:refs]] == list(experiments.REFERENCES)
     settings = by_setting(rows)
     assert set(settings) == {(s, str(t), f, d) for s in SCHEDULES for t in TS for f in FLAGS for d in DECODINGS}
     # sweet spot 0.5 is round(0.5 * T) half up, at least 1
     assert {(k[1], k[2]): r["sweet_spot"] for k, r in settings.items()} == {
         ("1", "T"): "1", ("1", "0.5"): "1", ("2", "T"): "2", ("2", "0.5"): "1"}
-    assert all(math.isfinite(float(r["fid"])) and float(r["fid"]) > 0 and r["images"] == str(N_TEST) for r in rows)
-    fid = {r["method"]: float(r["fid"]) for r in rows[:3]}
-    assert fid["masked_input"] > fid["telea"]  # gray holes are far from smooth images; Telea fills them smoothly
+    assert all(math.isfinite(float(r["fid"])) and float(r["fid"]) > 0 and r["images"] == str(N_TEST)
+               and r["split"] == "test" for r in rows)
+    fid = {r["method"]: float(r["fid"]) for r in rows[:refs]}
+    # gray holes are far from smooth images; Telea and the diffusion fill fill them smoothly
+    assert fid["masked_input"] > max(fid["telea"], fid["diffusion_fill"])
     for s in SCHEDULES:
         for d in DECODINGS:
             # every setting re-seeds its generator: T=1 decoded to step 1 twice gives the same images, the same FID
@@ -121,6 +119,15 @@ def test_reference_inpaintings(lab):
     assert oracle.shape == gt.shape and oracle.dtype == np.uint8
     assert np.array_equal(oracle[known], gt[known])  # paste-back: the ground truth on known pixels
     assert not np.array_equal(oracle[~known], masked[~known])
+    filled = experiments.diffusion_fill(masked, known)
+    assert np.array_equal(filled[known], masked[known]) and (filled[~known] != 128).any(axis=-1).mean() > 0.9
+    for images in (experiments.fill_tokens_inpaint(model, masked, known, 4, torch.device("cpu")),
+                   experiments.oracle_inpaint(model, gt, masked, known, 4, torch.device("cpu"), seam_blend=True)):
+        assert np.array_equal(images[known], masked[known])
+    # the blend changes only hole pixels, and moves them towards the ground truth of this smooth data
+    blended = experiments.oracle_inpaint(model, gt, masked, known, 4, torch.device("cpu"), seam_blend=True)
+    error = lambda x: np.abs(x[~known].astype(int) - gt[~known]).mean()  # noqa: E731
+    assert error(blended) < error(oracle)
 
 
 def test_decoding_mosaic_shows_every_step(lab):
@@ -151,21 +158,17 @@ def test_decoding_mosaic_shows_every_step(lab):
 def test_only_references_then_resume_skips_done_rows(lab, sweep, tmp_path, capsys):
     experiments.main(flags(lab, tmp_path, "--only-references", "--load-transformer-ckpt-path", "/nonexistent/t.pt"))
     first = read_csv(tmp_path / "results.csv")
-    assert [r["method"] for r in first] == ["telea", "oracle", "masked_input"]
+    assert [r["method"] for r in first] == list(experiments.REFERENCES)
     assert not (tmp_path / "decoding_figure.png").exists()
     experiments.main(flags(lab, tmp_path, "--resume", "--mask-funcs", "linear", "--total-iters", "2",
                            "--decodings", "sample"))
     rows = read_csv(tmp_path / "results.csv")
-    assert rows[:3] == first  # not recomputed: the timings would differ
-    assert len(rows) == 4
+    refs = len(first)
+    assert rows[:refs] == first  # not recomputed: the timings would differ
+    assert len(rows) == refs + 1
     # the resumed row equals the same setting measured inside the full sweep
-    assert rows[3]["fid"] == by_setting(sweep[1])["linear", "2", "T", "sample"]["fid"]
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        experiments.main(flags(lab, tmp_path, "--resume", "--partial", "0.5"))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--partial" in err[0], err
+    assert rows[refs]["fid"] == by_setting(sweep[1])["linear", "2", "T", "sample"]["fid"]
+    assert "--partial" in one_line_error(experiments.main, flags(lab, tmp_path, "--resume", "--partial", "0.5"), capsys)
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -178,10 +181,33 @@ def test_only_references_then_resume_skips_done_rows(lab, sweep, tmp_path, capsy
     (["--test-mask-path", "/nonexistent/mask64"], "--test-mask-path"),
     (["--gt", "/nonexistent/gt.csv"], "--gt"),
     (["--partial", "0.1"], "--partial"),
+    (["--pixel-guidances", "-1"], "--pixel-guidances"),
+    (["--seam-blends", "maybe"], "--seam-blends"),
+    (["--split", "val", "--val_d_path", "/nonexistent/val"], "/nonexistent/val"),
 ])
 def test_bad_flags_exit_2_with_one_line(lab, tmp_path, capsys, extra, message):
-    with pytest.raises(SystemExit) as e:
-        experiments.main(flags(lab, tmp_path, *extra))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err, err
+    assert message in one_line_error(experiments.main, flags(lab, tmp_path, *extra), capsys)
+
+
+def test_val_split_and_the_decoding_additions_are_rows_of_their_own(lab, tmp_path):
+    setup, _, _, gt, _ = lab
+    val = tmp_path / "val"
+    val.mkdir()
+    for i, image in enumerate(gt):
+        save_png(image, val / f"image_{i:05d}.png")
+    out = tmp_path / "out"
+    experiments.main(flags(lab, out, "--split", "val", "--val_d_path", str(val), "--references", "telea",
+                           "--mask-funcs", "cosine", "--total-iters", "2", "--decodings", "argmax",
+                           "--pixel-guidances", "0", "3", "--seam-blends", "off", "on"))
+    rows = read_csv(out / "results.csv")
+    assert [r["method"] for r in rows] == ["telea"] + ["maskgit"] * 4
+    assert all(r["split"] == "val" and r["images"] == str(N_TEST) for r in rows)
+    assert {(r["pixel_guidance"], r["seam_blend"]) for r in rows[1:]} == {
+        ("0.0", "off"), ("0.0", "on"), ("3.0", "off"), ("3.0", "on")}
+    assert len({r["fid"] for r in rows[1:]}) == 4
+    assert f"FID on {N_TEST} val images" in (out / "results.md").read_text()
+    # the val holes are drawn from a fixed seed: the same masks every run, unlike the test set's
+    a = InpaintingTestSet.with_stroke_masks(gt, ["a"] * len(gt), experiments.VAL_MASK_SEED)
+    b = InpaintingTestSet.with_stroke_masks(gt, ["a"] * len(gt), experiments.VAL_MASK_SEED)
+    assert np.array_equal(a.known, b.known) and 0.05 < (~a.known).mean() < 0.45
+    assert np.array_equal(a.images[a.known], gt[a.known]) and (a.images[~a.known] == 128).all()

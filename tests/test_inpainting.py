@@ -8,14 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from tiny_maskgit import REPO, TINY_TRANSFORMER, make_tiny_setup
+import yaml
+from tiny_maskgit import REPO, TINY_TRANSFORMER, make_tiny_setup, one_line_error, write_masked_test_set
 
 import inpainting
 from benchmarks.inpaint_throughput import brush_masks
 from models.Transformer import BidirectionalTransformer
-from utils.data import write_gt_csv
-from utils.image import read_rgb, save_png
+from utils.image import read_rgb
 
 N_TEST, T = 5, 4
 
@@ -33,12 +32,7 @@ def lab(tmp_path_factory):
     known = brush_masks(N_TEST, seed=2)[:, 0].numpy()
     known[3], known[4] = True, False
     data = root / "cat_face"
-    for folder in ("masked_image", "mask64"):
-        (data / folder).mkdir(parents=True)
-    for i in range(N_TEST):
-        save_png(np.where(known[i, ..., None], gt[i], 128).astype(np.uint8), data / "masked_image" / f"image_{i:03d}.png")
-        Image.fromarray(known[i].astype(np.uint8) * 255, mode="L").save(data / "mask64" / f"mask_{i:03d}.png")
-    write_gt_csv(data / "test_gt.csv", gt)
+    write_masked_test_set(data, gt, known)
     return setup, ckpt, data, known
 
 
@@ -95,16 +89,39 @@ def test_seed_sweet_spot_and_no_paste_back(lab, tmp_path, capsys):
     (["--test-mask-path", "/nonexistent/mask64"], "--test-mask-path"),
     (["--load-transformer-ckpt-path", "/nonexistent/t.pt"], "/nonexistent/t.pt"),
     (["--gt", "/nonexistent/gt.csv"], "--gt"),
+    (["--pixel-guidance", "-1"], "--pixel-guidance"),
+    (["--seam-blend", "--no-paste-back"], "--seam-blend"),
 ])
 def test_bad_input_exits_2_with_one_line(lab, tmp_path, capsys, extra, message):
-    with pytest.raises(SystemExit) as e:
-        inpainting.main(flags(lab, tmp_path, *extra))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err, err
+    assert message in one_line_error(inpainting.main, flags(lab, tmp_path, *extra), capsys)
 
 
 def test_script_exit_status_and_message(lab, tmp_path):
     run = subprocess.run([sys.executable, "inpainting.py", *flags(lab, tmp_path, "--total-iter", "4", "--sweet-spot", "5")],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "--sweet-spot" in run.stderr, run.stderr
+
+
+def test_the_config_sets_the_decoding_additions_and_flags_override_it(lab, tmp_path, capsys):
+    setup, _, data, known = lab
+    cfg = yaml.safe_load(setup.maskgit_config.read_text())
+    cfg["model_param"].update(pixel_guidance=3.0, seam_blend=True, decoding="argmax")
+    config = tmp_path / "guided.yml"
+    config.write_text(yaml.safe_dump(cfg))
+    runs = {}
+    for name, extra in (("config", ["--MaskGitConfig", str(config)]),
+                        ("flags", ["--pixel-guidance", "3", "--seam-blend", "--decoding", "argmax"]),
+                        ("off", ["--MaskGitConfig", str(config), "--pixel-guidance", "0", "--no-seam-blend"]),
+                        ("lab", ["--decoding", "argmax"])):
+        inpainting.main(flags(lab, tmp_path / name, "--no-fid", "--visualize", "0", *extra))
+        runs[name] = [read_rgb(tmp_path / name / "test_results" / f"image_{i:03d}.png") for i in range(N_TEST)]
+    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(runs[a], runs[b]))  # noqa: E731
+    assert same("config", "flags") and same("off", "lab") and not same("config", "lab")
+    for i in range(N_TEST):
+        assert np.array_equal(runs["config"][i][known[i]], read_rgb(data / "masked_image" / f"image_{i:03d}.png")[known[i]])
+    for key, value in (("pixel_guidance", "strong"), ("seam_blend", "yes")):
+        bad = yaml.safe_load(config.read_text())
+        bad["model_param"][key] = value
+        config.write_text(yaml.safe_dump(bad))
+        assert key in one_line_error(inpainting.main, flags(lab, tmp_path / "bad", "--MaskGitConfig", str(config)), capsys)
+        config.write_text(yaml.safe_dump(cfg))

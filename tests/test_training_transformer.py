@@ -141,6 +141,19 @@ def test_start_from_epoch_loads_the_lab_checkpoint(tiny, tmp_path, shared_cache)
     assert (out / "transformer_epoch_2.pt").is_file()
 
 
+def test_a_start_from_epoch_run_resumes_exactly(tiny, tmp_path, shared_cache):
+    for name in ("a", "b"):
+        assert run(tiny, tmp_path / name, "--epochs", 1, cache=shared_cache) == 0
+    common = ["--epochs", 3, "--start-from-epoch", 1, "--ckpt-interval", 1]
+    assert run(tiny, tmp_path / "a", *common, cache=shared_cache) == 0
+    assert run(tiny, tmp_path / "b", *common, "--max-steps", 3, cache=shared_cache) == 0
+    (tmp_path / "b" / "transformer_epoch_1.pt").unlink()  # the saved state, not the epoch file, holds the weights
+    assert run(tiny, tmp_path / "b", "--epochs", 3, "--ckpt-interval", 1, "--resume", cache=shared_cache) == 0
+    a, b = load_weights(tmp_path / "a" / "transformer_raw_last.pt"), load_weights(tmp_path / "b" / "transformer_raw_last.pt")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert [int(r["epoch"]) for r in read_log(tmp_path / "b" / "log.csv")] == [1, 2, 3]
+
+
 def test_non_finite_loss_stops_with_exit_1_and_keeps_the_last_good_state(tiny, tmp_path, shared_cache, capsys):
     out = tmp_path / "run"
     assert run(tiny, out, "--epochs", 3, "--learning-rate", 1e30, "--warmup-steps", 0, "--ckpt-interval", 1,

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
 from models.VQGAN import VQGAN
+from utils.data import write_gt_csv
 from utils.image import save_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,3 +59,23 @@ def make_tiny_setup(root: Path, n_train: int = 8, n_val: int = 4, seed: int = 0)
     write_images(root / "train", n_train, seed)
     write_images(root / "val", n_val, seed + 1)
     return TinySetup(root, vq_config, vq_ckpt, maskgit_config, root / "train", root / "val")
+
+
+def one_line_error(main: Callable[[list[str]], None], argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    """Run a script's main(argv), which must exit 2 with exactly one line on stderr; return that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+def write_masked_test_set(data: Path, gt: np.ndarray, known: np.ndarray) -> None:
+    """The lab's test layout in `data`: masked_image/ (holes gray), mask64/ (255 = known) and test_gt.csv."""
+    for folder in ("masked_image", "mask64"):
+        (data / folder).mkdir(parents=True)
+    for i in range(len(gt)):
+        save_png(np.where(known[i, ..., None], gt[i], 128).astype(np.uint8), data / "masked_image" / f"image_{i:03d}.png")
+        save_png(known[i].astype(np.uint8) * 255, data / "mask64" / f"mask_{i:03d}.png")
+    write_gt_csv(data / "test_gt.csv", gt)

@@ -15,7 +15,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from utils.image import IMAGE_SIZE, normalize, read_rgb, uint8_to_tensor
+from utils.image import HOLE_GRAY, IMAGE_SIZE, normalize, read_rgb, uint8_to_tensor
+from utils.masks import stroke_mask
 
 CSV_ROW = IMAGE_SIZE * IMAGE_SIZE * 3  # one image per row: 64*64*3 uint8 values in H,W,C order
 
@@ -83,6 +84,18 @@ class InpaintingTestSet(Dataset):
             warnings.warn(f"{mask_dir}: {len(soft)} masks (first: {soft[0]}) are not strictly 0/255; "
                           f"thresholded at 128 (>= 128 = known pixel)", stacklevel=2)
         self.known = masks >= 128
+
+    @classmethod
+    def with_stroke_masks(cls, images: np.ndarray, names: list[str], seed: int,
+                          split: str = "val") -> "InpaintingTestSet":
+        """Clean uint8 images [N,64,64,3] with stroke holes (utils.masks) drawn from `seed` and painted gray, as
+        prepare_dataset.py makes the test set: an inpainting set on val, to tune decoding without the test split."""
+        rng = np.random.default_rng(seed)
+        self = cls.__new__(cls)
+        self.split, self.names = split, list(names)
+        self.known = ~np.stack([stroke_mask(rng) for _ in range(len(images))])
+        self.images = np.where(self.known[..., None], images, np.uint8(HOLE_GRAY))
+        return self
 
     def __len__(self) -> int:
         return len(self.images)

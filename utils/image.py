@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from utils.checkpoint import atomic_write
@@ -55,6 +56,27 @@ def uint8_to_tensor(a: np.ndarray) -> torch.Tensor:
     """uint8 H,W,C (or B,H,W,C) -> float [0,1] C,H,W (or B,C,H,W)."""
     t = torch.from_numpy(np.ascontiguousarray(a)).float().div(255)
     return t.permute(0, 3, 1, 2) if t.dim() == 4 else t.permute(2, 0, 1)
+
+
+def diffuse_fill(values: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Fill the unknown pixels of `values` [B,C,H,W] (float; `known` bool [B,1,H,W]) from the outside in: each
+    round, every unknown pixel touching a filled one takes the mean of its filled 3x3 neighbours.
+
+    A smooth, content-free continuation used twice by the sampler: as the VQGAN encoder's input in the holes (it
+    never saw gray strokes in training) and to spread the seam residual (sampler.maskgit_sampler.tokens_to_uint8).
+    Known pixels are returned unchanged; an image with no known pixel stays 0.
+    """
+    weight = known.to(values.dtype).expand(-1, 1, -1, -1)
+    filled = values * weight
+    channels, kernel = values.shape[1], values.new_ones(1, 1, 3, 3)
+    while True:
+        frontier_sum = F.conv2d(filled.flatten(0, 1)[:, None], kernel, padding=1).view_as(filled)
+        count = F.conv2d(weight, kernel, padding=1)
+        new = (count > 0) & (weight == 0)
+        if not new.any():
+            return filled
+        filled = torch.where(new.expand(-1, channels, -1, -1), frontier_sum / count.clamp(min=1), filled)
+        weight = weight + new.to(weight.dtype)
 
 
 def read_rgb(path: str | Path, size: int | None = IMAGE_SIZE, gray_ok: bool = True) -> np.ndarray:

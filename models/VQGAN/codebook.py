@@ -14,13 +14,16 @@ class Codebook(nn.Module):
         self.embedding = nn.Embedding(self.num_codebook_vectors, self.latent_dim)
         self.embedding.weight.data.uniform_(-1.0 / self.num_codebook_vectors, 1.0 / self.num_codebook_vectors)
 
-    def nearest(self, z_flat: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest code for each row of z_flat [M, D], computed in fp32 (bf16 ties break codes)."""
+    def squared_distances(self, z_flat: torch.Tensor) -> torch.Tensor:
+        """||z - e_k||^2 for each row of z_flat [M, D] and code k -> [M, K], in fp32 (bf16 ties break codes)."""
         with torch.autocast(z_flat.device.type, enabled=False):
             z = z_flat.float()
             e = self.embedding.weight.float()
-            d = (z * z).sum(1, keepdim=True) - 2 * z @ e.t() + (e * e).sum(1)[None]
-            return d.argmin(dim=1)
+            return (z * z).sum(1, keepdim=True) - 2 * z @ e.t() + (e * e).sum(1)[None]
+
+    def nearest(self, z_flat: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest code for each row of z_flat [M, D]."""
+        return self.squared_distances(z_flat).argmin(dim=1)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """z [B,D,H,W] -> (z_q with straight-through gradient, indices [B*H*W] in b,h,w order, loss)."""

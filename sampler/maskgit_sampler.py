@@ -140,16 +140,18 @@ def tokens_to_uint8(model: nn.Module, tokens: torch.Tensor, base: np.ndarray | N
     return np.where(keep, base, images)
 
 
-def pixel_evidence(model: nn.Module, z: torch.Tensor, pixel_known: torch.Tensor, strength: float) -> torch.Tensor:
-    """The pixel-guidance logit bias [B, N, K] (module docstring) from the encoder output z [B, D, h, w] of the
-    diffusion-filled image. Distances are divided by each image's median distance to the nearest code, so that
-    `strength` does not depend on the VQGAN's latent scale."""
+def pixel_evidence(model: nn.Module, images: torch.Tensor, pixel_known: torch.Tensor, strength: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel guidance (module docstring): the tokens [B, N] of the diffusion-filled `images` and the logit bias
+    [B, N, K], from one encoder pass and one code-distance matrix. Distances are divided by each image's median
+    distance to the nearest code, so that `strength` does not depend on the VQGAN's latent scale."""
+    z = model.vqgan.encode_continuous(diffuse_fill(images, pixel_known)).float()
     codebook, res = model.vqgan.codebook, model.vqgan.latent_resolution
     d = codebook.squared_distances(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])).view(z.shape[0], res * res, -1)
-    scale = d.min(dim=-1).values.median(dim=1).values.clamp(min=1e-12)
-    patch = pixel_known.shape[-1] // res
-    known_fraction = F.avg_pool2d(pixel_known.float(), patch).flatten(1)  # [B, N]
-    return -strength * known_fraction[..., None] * d / scale[:, None, None]
+    nearest = d.min(dim=-1)
+    scale = nearest.values.median(dim=1).values.clamp(min=1e-12)
+    known_fraction = F.avg_pool2d(pixel_known.float(), pixel_known.shape[-1] // res).flatten(1)  # [B, N]
+    return nearest.indices, -strength * known_fraction[..., None] * d / scale[:, None, None]
 
 
 @torch.inference_mode()
@@ -165,13 +167,10 @@ def inpaint(model: nn.Module, images: torch.Tensor, pixel_known: torch.Tensor, *
     The VQGAN runs in fp32, once to encode and once to decode; step images are left to the caller.
     """
     known = latent_known_mask(pixel_known, model.vqgan.latent_resolution)
-    bias = None
     if pixel_guidance > 0:
-        z = model.vqgan.encode_continuous(diffuse_fill(images, pixel_known)).float()
-        indices = model.vqgan.codebook.nearest(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])).view(z.shape[0], -1)
-        bias = pixel_evidence(model, z, pixel_known, pixel_guidance)
+        indices, bias = pixel_evidence(model, images, pixel_known, pixel_guidance)
     else:
-        _, indices = model.encode_to_z(images)
+        (_, indices), bias = model.encode_to_z(images), None
     result = decode(model.transformer, indices, ~known, total_iter=total_iter,
                     gamma_type=gamma_type or model.gamma_type,
                     choice_temperature=model.choice_temperature if choice_temperature is None else choice_temperature,

@@ -14,12 +14,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tiny_maskgit import TINY_TRANSFORMER, make_tiny_setup, one_line_error, write_masked_test_set
+from tiny_maskgit import make_tiny_setup, one_line_error, random_transformer_checkpoint, write_masked_test_set
 
 import experiments
 from benchmarks.inpaint_throughput import brush_masks
 from inpainting import TILE_PAD
-from models.Transformer import BidirectionalTransformer
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config
 from utils.data import InpaintingTestSet
 from utils.image import save_png
@@ -41,9 +40,7 @@ def lab(tmp_path_factory):
     """Tiny configs and weights, plus masked_image/, mask64/ and test_gt.csv of smooth images with brush holes."""
     root = tmp_path_factory.mktemp("lab")
     setup = make_tiny_setup(root, n_train=1, n_val=1)
-    torch.manual_seed(0)
-    ckpt = root / "transformer.pt"
-    torch.save(BidirectionalTransformer(TINY_TRANSFORMER).state_dict(), ckpt)
+    ckpt = random_transformer_checkpoint(root)
     coarse = torch.rand(N_TEST, 3, 5, 5, generator=torch.Generator().manual_seed(1))
     smooth = F.interpolate(coarse, size=(64, 64), mode="bicubic", align_corners=False)
     gt = (255 * smooth).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from tiny_maskgit import REPO, TINY_TRANSFORMER, make_tiny_setup, one_line_error, write_masked_test_set
+from tiny_maskgit import REPO, make_tiny_setup, one_line_error, random_transformer_checkpoint, write_masked_test_set
 
 import inpainting
 from benchmarks.inpaint_throughput import brush_masks
-from models.Transformer import BidirectionalTransformer
 from utils.image import read_rgb
 
 N_TEST, T = 5, 4
@@ -24,9 +23,7 @@ def lab(tmp_path_factory):
     """Tiny configs and weights plus cat_face/{masked_image,mask64,test_gt.csv}: image 3 has no hole, 4 is all hole."""
     root = tmp_path_factory.mktemp("lab")
     setup = make_tiny_setup(root)
-    torch.manual_seed(0)
-    ckpt = root / "transformer.pt"
-    torch.save(BidirectionalTransformer(TINY_TRANSFORMER).state_dict(), ckpt)
+    ckpt = random_transformer_checkpoint(root)
     rng = np.random.default_rng(0)
     gt = np.kron(rng.integers(0, 256, (N_TEST, 8, 8, 3), dtype=np.uint8), np.ones((1, 8, 8, 1), dtype=np.uint8))
     known = brush_masks(N_TEST, seed=2)[:, 0].numpy()

@@ -23,13 +23,12 @@ import torch
 import yaml
 from PIL import Image
 from test_vqgan import TINY
-from tiny_maskgit import REPO, TINY_TRANSFORMER, make_tiny_setup, write_images
+from tiny_maskgit import REPO, make_tiny_setup, random_transformer_checkpoint, write_images
 
 import inpainting
 import prepare_dataset
 import training_transformer
 import training_vqgan
-from models.Transformer import BidirectionalTransformer
 from models.VQGAN import load_vqgan
 from utils.checkpoint import load_training_state, load_weights
 from utils.image import read_rgb, save_png
@@ -399,9 +398,7 @@ def lab(tmp_path_factory):
     """Tiny MaskGIT with random weights; 4 test pairs: 0-1 with a hole, 2 without any, 3 all hole."""
     root = tmp_path_factory.mktemp("inpaint")
     setup = make_tiny_setup(root, n_train=1, n_val=1)
-    torch.manual_seed(0)
-    ckpt = root / "transformer.pt"
-    torch.save(BidirectionalTransformer(TINY_TRANSFORMER).state_dict(), ckpt)
+    ckpt = random_transformer_checkpoint(root)
     rng = np.random.default_rng(0)
     known = np.ones((4, 64, 64), bool)
     known[:2, 16:40, 8:48] = False

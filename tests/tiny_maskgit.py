@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from models.Transformer import BidirectionalTransformer
 from models.VQGAN import VQGAN
 from utils.data import write_gt_csv
 from utils.image import save_png
@@ -79,3 +80,11 @@ def write_masked_test_set(data: Path, gt: np.ndarray, known: np.ndarray) -> None
         save_png(np.where(known[i, ..., None], gt[i], 128).astype(np.uint8), data / "masked_image" / f"image_{i:03d}.png")
         save_png(known[i].astype(np.uint8) * 255, data / "mask64" / f"mask_{i:03d}.png")
     write_gt_csv(data / "test_gt.csv", gt)
+
+
+def random_transformer_checkpoint(root: Path) -> Path:
+    """root/transformer.pt: a TINY_TRANSFORMER with seed-0 random weights, as the lab's inpainting loads it."""
+    torch.manual_seed(0)
+    ckpt = root / "transformer.pt"
+    torch.save(BidirectionalTransformer(TINY_TRANSFORMER).state_dict(), ckpt)
+    return ckpt

@@ -9,13 +9,14 @@ import argparse
 import torch
 
 from models.VQGAN import load_vqgan
-from training_vqgan import load_images, validate
+from training.vqgan import load_images, validate
+from utils.precision import AMP_CHOICES, conv_memory_format
 from utils.train_utils import run_cli
 
 
 def main(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
-    model = load_vqgan(args.config, args.ckpt, device).to(memory_format=torch.channels_last)
+    model = load_vqgan(args.config, args.ckpt, device).to(memory_format=conv_memory_format(device))
     images = load_images(args.images, args.split, device)
     metrics = validate(model, images, args.batch_size, args.amp)
     print(f"{len(images)} images from {args.images}: PSNR {metrics['val_psnr']:.2f} dB, "
@@ -29,7 +30,7 @@ if __name__ == "__main__":
     p.add_argument("--images", default="./cat_face/val/", help="folder of 64x64 images")
     p.add_argument("--split", default="val", choices=["train", "val", "test"], help="normalization statistics")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--amp", choices=["bf16", "none"], default="bf16")
+    p.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="bf16 autocast, none (fp32), or auto: bf16 where it is faster")
     p.add_argument("--device", default="cpu")
     p.add_argument("--debug", action="store_true")
     arguments = p.parse_args()

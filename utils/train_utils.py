@@ -12,7 +12,6 @@ import os
 import random
 import signal
 import sys
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from utils.checkpoint import CheckpointError, atomic_write
 from utils.config import ConfigError
+from utils.precision import autocast  # noqa: F401  (re-exported: the scripts import it from here)
 
 EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -97,13 +97,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
-
-
-def autocast(device: torch.device, amp: str) -> AbstractContextManager:
-    """bf16 autocast ('bf16') or nothing ('none'); bf16 needs no loss scaling on CPU or CUDA."""
-    if amp == "none":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:

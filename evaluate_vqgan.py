@@ -1,15 +1,19 @@
-"""Reconstruction quality of a VQGAN checkpoint: PSNR, codebook usage and perplexity on a folder of images.
+"""Reconstruction quality of a VQGAN checkpoint on a folder of images: PSNR, codebook usage, perplexity, and
+with --rfid the FID of the reconstructions against the images themselves (our FID tool, Inception pool3).
 
-    python evaluate_vqgan.py --config pretrained/VQGAN_small/VQGAN.yml --ckpt pretrained/VQGAN_small/VQGAN.pt
+    python evaluate_vqgan.py --config pretrained/VQGAN_small/VQGAN.yml --ckpt pretrained/VQGAN_small/VQGAN.pt --rfid
 """
 from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import torch
 
 from models.VQGAN import load_vqgan
-from training.vqgan import load_images, validate
+from training.vqgan import load_images, reconstruct, validate
+from utils.fid import fid_from_arrays
+from utils.image import denormalize, to_uint8
 from utils.precision import AMP_CHOICES, conv_memory_format
 from utils.train_utils import run_cli
 
@@ -19,8 +23,12 @@ def main(args: argparse.Namespace) -> None:
     model = load_vqgan(args.config, args.ckpt, device).to(memory_format=conv_memory_format(device))
     images = load_images(args.images, args.split, device)
     metrics = validate(model, images, args.batch_size, args.amp)
-    print(f"{len(images)} images from {args.images}: PSNR {metrics['val_psnr']:.2f} dB, "
-          f"codebook usage {metrics['codebook_usage']:.3f}, perplexity {metrics['perplexity']:.1f}")
+    line = (f"{len(images)} images from {args.images}: PSNR {metrics['val_psnr']:.2f} dB, "
+            f"codebook usage {metrics['codebook_usage']:.3f}, perplexity {metrics['perplexity']:.1f}")
+    if args.rfid:
+        rec = np.concatenate([to_uint8(r) for r, _ in reconstruct(model, images, args.batch_size, args.amp)])
+        line += f", rFID {fid_from_arrays(rec, to_uint8(denormalize(images)), device=device, progress=False):.2f}"
+    print(line)
 
 
 if __name__ == "__main__":
@@ -31,6 +39,7 @@ if __name__ == "__main__":
     p.add_argument("--split", default="val", choices=["train", "val", "test"], help="normalization statistics")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="bf16 autocast, none (fp32), or auto: bf16 where it is faster")
+    p.add_argument("--rfid", action="store_true", help="also the FID of the reconstructions against the images")
     p.add_argument("--device", default="cpu")
     p.add_argument("--debug", action="store_true")
     arguments = p.parse_args()

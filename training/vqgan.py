@@ -3,7 +3,7 @@ the adaptive weight of Esser et al., and dead-code restart. Precision and memory
 (utils/precision.py): bf16 autocast and channels_last where bf16 hardware makes them faster, fp32 elsewhere."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -36,18 +36,25 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(model: VQGAN, images: torch.Tensor, batch_size: int, amp: str) -> dict[str, float]:
-    """Reconstruction PSNR (in [0,1] pixel space) and codebook usage/perplexity on the validation set."""
+def reconstruct(model: VQGAN, images: torch.Tensor, batch_size: int, amp: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(reconstruction in [0,1], code indices) of each batch of normalized images, in eval mode."""
     was_training = model.training
     model.eval()
+    try:
+        for i in range(0, len(images), batch_size):
+            with autocast(images.device, amp):
+                rec, idx, _ = model(images[i:i + batch_size])
+            yield denormalize(rec.float()), idx
+    finally:
+        model.train(was_training)
+
+
+def validate(model: VQGAN, images: torch.Tensor, batch_size: int, amp: str) -> dict[str, float]:
+    """Reconstruction PSNR (in [0,1] pixel space) and codebook usage/perplexity on the validation set."""
     psnrs, counts = [], torch.zeros(model.num_codebook_vectors)
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size]
-        with autocast(x.device, amp):
-            rec, idx, _ = model(x)
-        psnrs.append(psnr(denormalize(rec.float()), denormalize(x)))
+    for i, (rec, idx) in enumerate(reconstruct(model, images, batch_size, amp)):
+        psnrs.append(psnr(rec, denormalize(images[i * batch_size:(i + 1) * batch_size])))
         counts += torch.bincount(idx.cpu(), minlength=model.num_codebook_vectors).float()
-    model.train(was_training)
     p = counts / counts.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return {"val_psnr": torch.cat(psnrs).mean().item(), "codebook_usage": (counts > 0).float().mean().item(),

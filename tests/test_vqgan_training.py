@@ -1,0 +1,105 @@
+"""The stage-1 training step: memory layout does not change the numbers, the losses fall, the GAN switches on at
+disc_start, and the precision choice follows the hardware."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from test_vqgan import TINY
+from models.VQGAN import VQGAN
+from training.vqgan import VQGANTrainer, validate
+from utils.precision import bf16_is_fast, resolve_amp
+
+TRAIN_PARAM = dict(batch_size=4, learning_rate=1e-3, disc_start=3, disc_base_channels=8, dead_code_window=2)
+
+
+def outputs_and_grads(model: VQGAN, x: torch.Tensor, amp: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        rec, _, q_loss = model(x)
+    (rec.float().square().mean() + q_loss).backward()
+    return rec.float().contiguous(), {k: p.grad.contiguous() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
+    return ((a - b).norm() / (a.norm() + floor)).item()
+
+
+def layouts(seed: int = 0) -> tuple[VQGAN, VQGAN, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = VQGAN(TINY)
+    return model, copy.deepcopy(model).to(memory_format=torch.channels_last), torch.randn(2, 3, 64, 64)
+
+
+def test_channels_last_gives_the_outputs_and_gradients_of_the_default_layout():
+    model, cl, x = layouts()
+    rec_a, grads_a = outputs_and_grads(model, x, amp=False)
+    rec_b, grads_b = outputs_and_grads(cl, x.contiguous(memory_format=torch.channels_last), amp=False)
+    assert cl.encoder.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(rec_a, rec_b) <= 1e-5
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    floor = 1e-3 * max(g.norm() for g in grads_a.values()).item()  # e.g. key biases: zero gradient up to rounding
+    for k in grads_a:
+        assert relative_error(grads_a[k], grads_b[k], floor) <= 1e-5, k
+
+
+def test_under_bf16_channels_last_is_as_close_to_fp32_as_the_default_layout():
+    """bf16 rounding differs with the summation order, so both layouts are held to the fp32 result instead."""
+    model, cl, x = layouts()
+    rec_ref, grads_ref = outputs_and_grads(model, x, amp=False)
+    rec_a, grads_a = outputs_and_grads(model, x, amp=True)
+    rec_b, grads_b = outputs_and_grads(cl, x.contiguous(memory_format=torch.channels_last), amp=True)
+    assert relative_error(rec_ref, rec_b) <= 2 * relative_error(rec_ref, rec_a) + 0.01
+    assert relative_error(rec_ref, rec_b) < 0.1
+    floor = 1e-3 * max(g.norm() for g in grads_ref.values()).item()
+    for k in grads_ref:
+        err_a, err_b = relative_error(grads_ref[k], grads_a[k], floor), relative_error(grads_ref[k], grads_b[k], floor)
+        assert err_b <= 2 * err_a + 0.02 and err_b < 0.2, (k, err_a, err_b)
+
+
+def test_training_steps_lower_the_loss_and_switch_the_gan_on_at_disc_start():
+    torch.manual_seed(0)
+    trainer = VQGANTrainer(TINY, TRAIN_PARAM, torch.device("cpu"), amp="none")
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    trainer.init_codebook(x)
+    steps = [trainer.train_step(x) for _ in range(12)]
+    assert [("d_loss" in s) for s in steps[:4]] == [False, False, False, True]
+    assert all("g_loss" in s and "d_loss" in s for s in steps[3:])
+    assert steps[-1]["rec_loss"] < 0.7 * steps[0]["rec_loss"]
+    assert trainer.step == 12 and int(trainer.last_used.max()) == 12
+    metrics = validate(trainer.model, x, batch_size=3, amp="none")
+    assert 0 < metrics["codebook_usage"] <= 1 and metrics["perplexity"] >= 1 and metrics["val_psnr"] > 5
+
+
+def test_a_trainer_state_restores_the_next_step_exactly():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    a = VQGANTrainer(TINY, TRAIN_PARAM, torch.device("cpu"), amp="none")
+    for _ in range(4):
+        a.train_step(x)
+    b = VQGANTrainer(TINY, TRAIN_PARAM, torch.device("cpu"), amp="none")
+    b.load_state_dict(copy.deepcopy(a.state_dict()), source="test")
+    torch.manual_seed(1)  # dead-code restarts draw from the global generator
+    la = a.train_step(x)
+    torch.manual_seed(1)
+    lb = b.train_step(x)
+    assert la == lb
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_a_non_finite_loss_stops_before_any_weight_changes():
+    trainer = VQGANTrainer(TINY, TRAIN_PARAM, torch.device("cpu"), amp="none")
+    before = copy.deepcopy(trainer.model.state_dict())
+    with pytest.raises(FloatingPointError, match="training loss"):
+        trainer.train_step(torch.full((2, 3, 64, 64), float("nan")))
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def test_auto_precision_is_bf16_exactly_where_bf16_is_fast():
+    assert resolve_amp("auto", "cpu") == ("bf16" if bf16_is_fast("cpu") else "none")
+    assert resolve_amp("bf16", "cpu") == "bf16" and resolve_amp("none", "cpu") == "none"
+    with pytest.raises(ValueError, match="choose one of"):
+        resolve_amp("fp16", "cpu")

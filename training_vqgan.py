@@ -7,6 +7,7 @@ starts from encoder outputs, so the 1024 codes stay in use.
 
     python training_vqgan.py --config configs/VQGAN_small.yml --checkpoint-path checkpoints/VQGAN_small
     python training_vqgan.py ... --resume        # continue from checkpoints/VQGAN_small/training_state.pt
+    python training_vqgan.py ... --init-from pretrained/VQGAN_small/VQGAN.pt   # a new run from shipped weights
 
 Writes VQGAN.pt (a plain fp16 state_dict that VQGAN(cfg) loads strictly), VQGAN.yml (the config that made
 it), training_state.pt (model, discriminator, optimizers, step, RNG) and log.csv (one row per completed epoch).
@@ -25,7 +26,8 @@ from tqdm import tqdm
 
 from models.VQGAN import load_vqgan_config
 from training.vqgan import TRAIN_DEFAULTS, VQGANTrainer, load_images, validate
-from utils.checkpoint import TRAINING_STATE_TAG, atomic_save, ensure_writable_dir, load_training_state, rng_state, set_rng_state
+from utils.checkpoint import (TRAINING_STATE_TAG, atomic_save, ensure_writable_dir, load_state_dict_strict, load_training_state,
+                              load_weights, rng_state, set_rng_state)
 from utils.config import load_config
 from utils.precision import AMP_CHOICES
 from utils.train_utils import (EXIT_INTERRUPTED, CSVLog, GracefulInterrupt, TrainingStopped, UserError,
@@ -54,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="bf16 autocast, none (fp32), or auto: bf16 where it is faster")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from training_state.pt in --checkpoint-path")
+    p.add_argument("--init-from", default=None, metavar="VQGAN.pt",
+                   help="start from these weights (e.g. a shipped fp16 VQGAN.pt) with fresh optimizers and discriminator")
     p.add_argument("--detect-anomaly", action="store_true", help="torch.autograd anomaly detection (slow)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     return p.parse_args(argv)
@@ -80,7 +84,10 @@ def run(args: argparse.Namespace) -> None:
         raise UserError(f"--device {args.device}: CUDA is not available; use --device cpu")
     out = Path(args.checkpoint_path)
     state_path = out / "training_state.pt"
+    if args.resume and args.init_from:
+        raise UserError("--init-from starts a new run and --resume continues one: pass only one of them")
     state = load_training_state(state_path) if args.resume else None  # a bad --resume fails before any work
+    init_weights = load_weights(args.init_from) if args.init_from else None
     ensure_writable_dir(out, "--checkpoint-path")
     seed_everything(args.seed)
 
@@ -101,6 +108,9 @@ def run(args: argparse.Namespace) -> None:
         sums = torch.cat([sums, torch.zeros(len(LOSS_KEYS) - len(sums))])  # states from before the GAN columns
         set_rng_state(state["rng"])
         print(f"resumed from {state_path}: epoch {epoch}, step {trainer.step}")
+    elif init_weights is not None:
+        load_state_dict_strict(trainer.model, init_weights, source=args.init_from)
+        print(f"initialized from {args.init_from}")
     else:
         trainer.init_codebook(train[torch.randperm(len(train))[:64]])
     if not (out / "VQGAN.yml").exists() or not args.resume:

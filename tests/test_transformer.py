@@ -18,7 +18,7 @@ from models.Transformer import BidirectionalTransformer, MultiHeadAttention
 from models.Transformer.attention import Dropout
 
 ROOT = Path(__file__).resolve().parents[1]
-LAB_TSV = Path("/work/shared/reference/transformer_state_dict_no_attention.tsv")
+LAB_TSV = ROOT / "tests" / "fixtures" / "transformer_state_dict_no_attention.tsv"  # the lab's layout, no attention
 SMALL = {"num_image_tokens": 256, "num_codebook_vectors": 1024, "dim": 64, "n_layers": 2, "hidden_dim": 128,
          "num_heads": 4}
 

@@ -31,6 +31,7 @@ from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from utils.checkpoint import ensure_writable_dir
+from utils.cli import OneLineParser, UserError, run_cli
 from utils.data import write_gt_csv
 from utils.image import HOLE_GRAY, IMAGE_SIZE, read_rgb, save_png
 from utils.masks import HOLE_RATIO, stroke_mask
@@ -45,7 +46,7 @@ NEAR_DUP_COSINE = 0.95
 DEFAULT_SOURCE = Path(__file__).resolve().parent.parent / "shared" / "data" / "cat_faces_64x64.zip"
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """A problem the user must fix; printed as one line."""
 
 
@@ -299,8 +300,8 @@ def build(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--source", default=os.environ.get("CAT_FACES_ZIP", str(DEFAULT_SOURCE)),
                    help="a .zip or a folder of 64x64 .jpg/.png cat faces (env CAT_FACES_ZIP)")
     p.add_argument("--output", default="./cat_face", help="dataset folder to create")
@@ -310,19 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="rebuild even if --output holds another dataset")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
-    try:
-        build(args)
-    except (DatasetError, OSError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # build() has removed its half-built folder; any previous dataset is untouched
-        if args.debug:
-            raise
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    # on Ctrl-C build() has removed its half-built folder; any previous dataset is untouched
+    return run_cli(lambda: build(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Training throughput of the stage-2 transformer on the CPU under bf16 autocast, against a plain bf16 matmul.
 
-One step = forward + masked-token cross-entropy + backward + AdamW (fused: 3-4x faster than the default
-foreach on this CPU), on random tokens (speed does not depend on the data).
+One step = forward + masked-token cross-entropy + backward + the trainer's AdamW (the model's
+configure_optimizers), on random tokens (speed does not depend on the data).
 FLOPs are counted analytically, matmuls only:
     per image = 6 * P_mm * N                 (forward 2, backward 4 FLOPs per weight per token)
               + 12 * L * N^2 * d             (QK^T and AV: 2 * 2N^2 d forward per layer, twice that backward)
@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.Transformer import BidirectionalTransformer  # noqa: E402
-from utils.config import ConfigError, load_config  # noqa: E402
+from models.VQGAN_Transformer import mvtm_loss  # noqa: E402
+from utils.cli import OneLineParser, run_cli  # noqa: E402
+from utils.config import load_config  # noqa: E402
 
 
 def matmul_flops_per_image(model: BidirectionalTransformer, cfg: dict) -> float:
@@ -48,7 +49,7 @@ def matmul_reference(a: torch.Tensor, b: torch.Tensor, reps: int = 10) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/MaskGit.yml", help="MaskGIT config (Transformer_param is used)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--iters", type=int, default=5, help="timed training steps")
@@ -56,15 +57,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.iters < 1 or args.batch_size < 1 or args.warmup < 0:
         parser.error("--iters and --batch-size must be >= 1, --warmup >= 0")
-    try:
-        full = load_config(args.config, required={"model_param": ["Transformer_param"]})
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    cfg = full["model_param"]["Transformer_param"]
+    sys.exit(run_cli(lambda: measure(args)))
+
+
+def measure(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, required={"model_param": ["Transformer_param"]})["model_param"]["Transformer_param"]
 
     torch.manual_seed(0)
     model = BidirectionalTransformer(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.96), weight_decay=0.045, fused=True)
+    opt = model.configure_optimizers(1e-4, (0.9, 0.96), 0.045, "cpu")
     b, n = args.batch_size, cfg["num_image_tokens"]
     targets = torch.randint(0, cfg["num_codebook_vectors"], (b, n))
     masked = torch.rand(b, n) < 0.5
@@ -73,7 +74,7 @@ def main() -> None:
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(tokens)
-        loss = F.cross_entropy(logits[masked].float(), targets[masked])
+        loss = mvtm_loss(logits, targets, masked)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -215,3 +215,4 @@ def test_more_bad_inputs_and_interrupt(sets, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(fid_score_gpu, "fid_between", interrupted)
     code, lines = _run(["--predicted-path", str(sets.a_dir), "--gt-path", str(sets.b_dir), "--device", "cpu"], capsys)
     assert code == 130 and lines == ["interrupted"]
+

@@ -119,6 +119,18 @@ def test_state_dict_layout_equals_lab(lab_model: BidirectionalTransformer) -> No
     clone.load_state_dict(sd, strict=True)
 
 
+def test_weight_decay_only_on_weight_matrices(lab_model: BidirectionalTransformer) -> None:
+    """configure_optimizers: biases, LayerNorms and the [N, ids] output bias are not decayed, everything else is."""
+    opt = lab_model.configure_optimizers(1e-4, (0.9, 0.96), 0.045)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.045 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in lab_model.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in lab_model.named_parameters()
+                                                          if p.dim() == 1 or n == "bias"}
+    assert {"tok_emb.weight", "pos_emb", "blocks.0.Attention.qkv.weight"} <= {names[id(p)] for p in decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(lab_model.parameters()))
+
+
 def test_init_statistics(lab_model: BidirectionalTransformer) -> None:
     """trunc_normal(0, 0.02) on Linear/Embedding weights and pos_emb, zero biases, unit LayerNorms."""
     weights = [m.weight for m in lab_model.modules() if isinstance(m, (nn.Linear, nn.Embedding))]

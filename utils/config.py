@@ -1,4 +1,4 @@
-"""YAML config loading with one clear line for a missing file or key."""
+"""YAML config loading with one clear line for a missing file or key, and where the paths in a config point."""
 from __future__ import annotations
 
 import difflib
@@ -7,9 +7,20 @@ from typing import Any
 
 import yaml
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and the key."""
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Config paths are relative to the working directory, as in the lab; fall back to the repository root
+    so that scripts also work when started from elsewhere."""
+    path = Path(path)
+    if path.is_absolute() or path.exists() or not (REPO_ROOT / path).exists():
+        return path
+    return REPO_ROOT / path
 
 
 def load_config(path: str | Path, required: dict[str, list[str]] | None = None) -> dict[str, Any]:

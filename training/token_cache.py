@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from models.VQGAN import VQGAN
 from utils.checkpoint import atomic_save
+from utils.cli import UserError
 from utils.data import ImageFolderDataset
-from utils.train_utils import UserError
 
 CACHE_FORMAT = "maskgit-token-cache-v1"
 BF16_MIN_AGREEMENT = 0.999  # bf16 encoding is used only if it gives the fp32 token on at least this fraction

@@ -16,9 +16,10 @@ Every setting re-seeds its generator with --seed, so a row does not depend on wh
 kind of masks as the test set's: choose the decoding there and keep the test split for the final table.
 Sweet spots: T (the full decode), a step s, or a fraction f of T written with a dot (step round(f*T), half up, >= 1).
 
-    python experiments.py --load-transformer-ckpt-path transformer_checkpoints/transformer_last.pt
-    python experiments.py --only-references --MaskGitConfig configs/MaskGit_small.yml
-    python experiments.py --split val --output-dir experiments_val --MaskGitConfig configs/MaskGit_demo.yml
+    python experiments.py --split val --output-dir experiments_val       # the shipped models (MaskGit_demo.yml)
+    python experiments.py --only-references
+    python experiments.py --MaskGitConfig configs/MaskGit_small.yml \
+        --load-transformer-ckpt-path transformer_checkpoints/transformer_last.pt     # your own stage 2
 """
 from __future__ import annotations
 
@@ -156,7 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val_d_path", default="./cat_face/val/", help="clean val images, used with --split val")
     p.add_argument("--partial", type=float, default=1.0, help="fraction of the set to use (the first ones)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--MaskGitConfig", default="configs/MaskGit.yml")
+    p.add_argument("--MaskGitConfig", default="configs/MaskGit_demo.yml", help="MaskGit YAML config (default: the "
+                   "shipped models and the decoding chosen on val)")
     p.add_argument("--load-transformer-ckpt-path", default=None,
                    help="transformer weights (default: model_param.transformer_ckpt of the config, else "
                         f"{DEFAULT_TRANSFORMER_CKPT})")

@@ -6,7 +6,9 @@ Outputs (under --output-dir, the lab's names):
   imga/test_%d.png              the masked input, then the image decoded at every step, first --visualize images
 When ground truth is found (--gt, or test_gt.csv / test_gt/ beside the masked-image folder) it prints `FID:  <value>`.
 
-    python inpainting.py --load-transformer-ckpt-path transformer_checkpoints/transformer_last.pt --total-iter 8
+    python inpainting.py --mask-func cosine --total-iter 8      # the shipped models (configs/MaskGit_demo.yml)
+    python inpainting.py --MaskGitConfig configs/MaskGit_small.yml \
+        --load-transformer-ckpt-path transformer_checkpoints/transformer_last.pt     # your own stage 2
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from utils.cli import OneLineParser, check_device, run_cli
 from utils.data import ground_truth_of, load_test_set
 from utils.image import save_png
 
+DEFAULT_CONFIG = "configs/MaskGit_demo.yml"  # the shipped models and the decoding chosen on val (README)
 RESULT_NAME = "image_{:03d}.png"  # test_results/ file of test image i, the lab's name
 
 
@@ -39,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="images decoded together")
     p.add_argument("--partial", type=float, default=1.0, help="fraction of the test set to inpaint (the first ones)")
     p.add_argument("--num_workers", type=int, default=0, help="DataLoader workers (the test set is already in memory)")
-    p.add_argument("--MaskGitConfig", default="configs/MaskGit.yml")
+    p.add_argument("--MaskGitConfig", default=DEFAULT_CONFIG,
+                   help="MaskGit YAML config (configs/MaskGit.yml: the lab's structure, which needs the lab's VQGAN)")
     p.add_argument("--load-transformer-ckpt-path", default=None,
                    help="transformer weights (default: model_param.transformer_ckpt of the config, else "
                         f"{DEFAULT_TRANSFORMER_CKPT})")

@@ -1,7 +1,10 @@
 """Build the lab's dataset layout from the real 64x64 cat faces.
 
-    python prepare_dataset.py                       # ../shared/data/cat_faces_64x64.zip -> ./cat_face
     python prepare_dataset.py --source cats.zip --output cat_face --seed 0
+    CAT_FACES_ZIP=cats.zip python prepare_dataset.py        # the same
+    python prepare_dataset.py          # on the project's machines: ../shared/data/cat_faces_64x64.zip -> ./cat_face
+
+The archive is the public Kaggle set "Cats faces 64x64 (For generative models)" (README "Data").
 
 Output (lab names): train/image_%05d.png, val/image_%05d.png, masked_image/image_%03d.png,
 mask64/mask_%03d.png (L, 255 = known, 0 = hole), test_gt/image_%03d.png, test_gt.csv and dataset.json.
@@ -84,7 +87,8 @@ def list_images(source: Path) -> list[str]:
         except (zipfile.BadZipFile, OSError) as e:
             raise DatasetError(f"{source}: not a readable zip archive ({e}); pass a .zip or a folder of images")
     else:
-        raise DatasetError(f"{source}: source not found; pass --source or set CAT_FACES_ZIP")
+        raise DatasetError(f"{source}: source not found; download the cat-face archive (README \"Data\") and pass "
+                           "--source FILE.zip or set CAT_FACES_ZIP")
     names = sorted((n for n in names if _is_image(n)), key=_natural_key)
     if not names:
         raise DatasetError(f"{source}: holds no .jpg/.png images")

@@ -4,11 +4,15 @@ The frozen VQGAN tokenizes the train/val images once (training/token_cache.py: c
 or the VQGAN weights change); training then only sees token ids. Each step masks ceil(gamma(r)*N) tokens per
 image (r ~ U(0,1)) and minimizes the cross-entropy on the masked positions.
 
-    python training_transformer.py --MaskGitConfig configs/MaskGit_small.yml --epochs 50
-    python training_transformer.py --MaskGitConfig configs/MaskGit_small.yml --epochs 50 --resume
-    python training_transformer.py --device cuda --batch-size 128 --compile --epochs 300     # the lab's model
-    torchrun --standalone --nproc_per_node 4 training_transformer.py --device cuda --batch-size 64 --compile
+    python training_transformer.py              # configs/MaskGit_small.yml on the shipped VQGAN: a CPU finishes it
+    python training_transformer.py --resume     # continue it after a stop
+    python training_transformer.py --MaskGitConfig configs/MaskGit_lab_small_vqgan.yml --device cuda --batch-size 128 \
+        --compile --epochs 300                  # the lab-size transformer, on a GPU
+    torchrun --standalone --nproc_per_node 4 training_transformer.py --device cuda --batch-size 64 --compile ...
     python training_transformer.py --MaskGitConfig ... --cache-only     # only tokenize (e.g. on a GPU machine)
+
+--epochs, --batch-size, --learning-rate and --warmup-steps default to the config's train_param section (the
+recipe the config is sized for), else to the lab-size recipe (training.transformer.TRAIN_DEFAULTS).
 
 Outputs in --checkpoint-path: transformer_epoch_N.pt and transformer_last.pt (EMA weights, plain state_dicts as
 the lab's inpainting loads them), transformer_raw_last.pt (raw weights), training_state.pt (everything --resume
@@ -27,12 +31,14 @@ import torch
 from models.Transformer import BidirectionalTransformer
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config
 from training.token_cache import ensure_token_cache
-from training.transformer import LOG_FIELDS, TokenData, TransformerTrainer, check_resume
+from training.transformer import LOG_FIELDS, TokenData, TransformerTrainer, check_resume, train_defaults
 from utils.checkpoint import ensure_writable_dir, load_state_dict_strict, load_training_state, load_weights
 from utils.cli import OneLineParser, UserError, run_cli
 from utils.config import resolve_path
 from utils.train_utils import (CSVLog, DistEnv, atomic_write_text, cleanup_distributed, on_main_then_share,
                                seed_everything, setup_distributed)
+
+DEFAULT_CONFIG = "configs/MaskGit_small.yml"  # the shipped VQGAN's tokens, a transformer a CPU trains
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,24 +50,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (under torchrun each rank takes cuda:LOCAL_RANK)")
     p.add_argument("--num_workers", type=int, default=4, help="image loading workers while building the token cache")
-    p.add_argument("--batch-size", type=int, default=32, help="images per micro-batch per process")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per micro-batch per process (default: the config's train_param, else 32)")
     p.add_argument("--partial", type=float, default=1.0, help="fraction of the training images used (fixed subset)")
     p.add_argument("--accum-grad", type=int, default=1, help="micro-batches accumulated per optimizer step")
-    p.add_argument("--epochs", type=int, default=100, help="total epochs; the LR schedule spans them")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="total epochs; the LR schedule spans them (default: the config's train_param, else 100)")
     p.add_argument("--save-per-epoch", type=int, default=1, help="write transformer_epoch_N.pt every N epochs")
     p.add_argument("--start-from-epoch", type=int, default=0,
                    help="load transformer_epoch_N.pt and train epochs N+1..--epochs (new optimizer and schedule; "
                         "--resume continues exactly instead, also a run that was started this way)")
     p.add_argument("--ckpt-interval", type=int, default=0,
                    help="also write training_state.pt every N optimizer steps (0: at the end of every epoch only)")
-    p.add_argument("--learning-rate", type=float, default=1e-4, help="peak learning rate")
-    p.add_argument("--MaskGitConfig", default="configs/MaskGit.yml", help="MaskGit YAML config")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="peak learning rate (default: the config's train_param, else 1e-4)")
+    p.add_argument("--MaskGitConfig", default=DEFAULT_CONFIG,
+                   help="MaskGit YAML config (configs/MaskGit.yml: the lab's structure, which needs the lab's VQGAN)")
     # beyond the lab
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue exactly from training_state.pt in --checkpoint-path")
     p.add_argument("--weight-decay", type=float, default=0.045)
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.96))
-    p.add_argument("--warmup-steps", type=int, default=1000, help="linear warm-up steps, then cosine decay to 0")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up steps, then cosine decay to 0 (default: the config's train_param, else 1000)")
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, used for validation and saved")
@@ -79,6 +90,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--detect-anomaly", action="store_true", help="torch.autograd anomaly detection (slow)")
     return p.parse_args(argv)
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    """The flags left unset take the config's recipe (training.transformer.train_defaults)."""
+    for key, value in train_defaults(args.MaskGitConfig).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -122,9 +140,9 @@ def tokenize_images(args: argparse.Namespace, env: DistEnv, maskgit: MaskGit, cf
 
 def copy_config(config: str, out: Path) -> None:
     """A copy of the config beside the weights, so that they can be loaded later without guessing."""
-    copy = out / Path(config).name
-    if copy.resolve() != Path(config).resolve():
-        atomic_write_text(Path(config).read_text(), copy)
+    source, copy = resolve_path(config), out / Path(config).name
+    if copy.resolve() != source.resolve():
+        atomic_write_text(source.read_text(), copy)
 
 
 def _train(args: argparse.Namespace, env: DistEnv) -> tuple[BidirectionalTransformer, BidirectionalTransformer] | None:
@@ -163,6 +181,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> tuple[BidirectionalTransfo
 def train(args: argparse.Namespace) -> tuple[BidirectionalTransformer, BidirectionalTransformer] | None:
     """The whole run in one process of a (possibly single-process) job; returns the raw and the EMA transformer
     (None with --cache-only)."""
+    fill_defaults(args)
     check_args(args)
     env = setup_distributed(args.device)
     try:

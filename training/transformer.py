@@ -26,13 +26,31 @@ from models.VQGAN_Transformer import MaskGit, masked_correct
 from training.token_cache import load_token_cache
 from utils.checkpoint import TRAINING_STATE_TAG, atomic_save, load_state_dict_strict, rng_state, set_rng_state
 from utils.cli import EXIT_INTERRUPTED, TrainingStopped, UserError
+from utils.config import ConfigError, load_config
 from utils.train_utils import (EMA, CSVLog, DistEnv, GracefulInterrupt, all_gather_object, all_reduce_sum, autocast,
                                check_finite_weights, diverged, warmup_cosine)
 
 LOG_FIELDS = ["epoch", "step", "train_loss", "val_loss", "val_acc", "lr", "seconds"]
 # flags that shape the sequence of batches; --resume refuses to continue a run with different values
 RUN_SHAPE_FLAGS = ["batch_size", "accum_grad", "partial", "seed", "start_from_epoch"]
+# the recipe for the lab-size transformer; a config's optional train_param section replaces it for the model it
+# sizes (configs/MaskGit_small.yml: what a CPU finishes), and flags replace both
+TRAIN_DEFAULTS: dict[str, int | float] = {"epochs": 100, "batch_size": 32, "learning_rate": 1e-4, "warmup_steps": 1000}
 VAL_MASK_SEED = 1234  # validation masks are drawn once, so val numbers compare across epochs and runs
+
+
+def train_defaults(config_path: str | Path) -> dict[str, int | float]:
+    """TRAIN_DEFAULTS, updated by the config's train_param section; a misspelled or mistyped key is refused."""
+    section = load_config(config_path).get("train_param") or {}
+    for key, value in section.items():
+        if key not in TRAIN_DEFAULTS:
+            raise ConfigError(f"{config_path}: train_param.{key} is not a setting of training_transformer.py; "
+                              f"use {', '.join(TRAIN_DEFAULTS)}")
+        number = (int, float) if key == "learning_rate" else int
+        if isinstance(value, bool) or not isinstance(value, number):
+            raise ConfigError(f"{config_path}: train_param.{key} is {value!r}; it must be a number"
+                              f"{'' if key == 'learning_rate' else ' without decimals'}")
+    return {**TRAIN_DEFAULTS, **section}
 
 
 def check_resume(state: dict[str, Any], args: argparse.Namespace, world_size: int) -> None:

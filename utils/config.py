@@ -24,8 +24,9 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def load_config(path: str | Path, required: dict[str, list[str]] | None = None) -> dict[str, Any]:
-    """Load a YAML file; `required` maps a section ('' = top level) to keys that must be present."""
-    path = Path(path)
+    """Load a YAML file (found as resolve_path finds it); `required` maps a section ('' = top level) to keys that
+    must be present."""
+    path = resolve_path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass an existing YAML file")
     try:

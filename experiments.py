@@ -47,7 +47,7 @@ from models.VQGAN_Transformer import (DECODINGS, DEFAULT_TRANSFORMER_CKPT, MaskG
 from sampler.maskgit_sampler import inpaint, tokens_to_uint8
 from sampler.visualize import step_tiles, strip
 from utils.checkpoint import ensure_writable_dir
-from utils.cli import OneLineParser, check_device, run_cli
+from utils.cli import OneLineParser, check_device, fast_bf16, run_cli
 from utils.data import ImageFolderDataset, InpaintingTestSet, ground_truth_of, load_test_set
 from utils.fid import compute_statistics, frechet_distance
 from utils.image import diffuse_fill, to_uint8, uint8_to_tensor
@@ -238,7 +238,8 @@ def diffusion_fill(masked: np.ndarray, known: np.ndarray) -> np.ndarray:
 def inpaint_set(model: MaskGit, loader: DataLoader, device: torch.device, seed: int, **kwargs) -> np.ndarray:
     """MaskGIT-inpaint every image of `loader` (kwargs go to sampler.inpaint) -> uint8 [N, H, W, 3]."""
     generator = torch.Generator(device).manual_seed(seed)
-    return np.concatenate([inpaint(model, images.to(device), known.to(device), generator=generator, **kwargs).images
+    return np.concatenate([inpaint(model, images.to(device), known.to(device), generator=generator,
+                                   bf16=fast_bf16(device), **kwargs).images
                            for images, known, _ in tqdm(loader, desc="inpainting", unit="batch", leave=False)])
 
 
@@ -376,8 +377,8 @@ def decoding_mosaic(model: MaskGit, dataset: InpaintingTestSet, gt: np.ndarray, 
     for schedule in schedules:
         generator = torch.Generator(device).manual_seed(seed)
         result = inpaint(model, images, known, split=dataset.split, total_iter=total_iter, gamma_type=schedule,
-                         argmax=argmax, generator=generator, keep_steps=True, pixel_guidance=pixel_guidance,
-                         seam_blend=seam_blend)
+                         argmax=argmax, generator=generator, bf16=fast_bf16(device), keep_steps=True,
+                         pixel_guidance=pixel_guidance, seam_blend=seam_blend)
         masks, steps = step_tiles(model, result, list(range(count)), known, paste_back=True)
         for i in range(count):
             interleaved = np.stack([masks[i], steps[i]], axis=1).reshape(-1, *steps.shape[2:])

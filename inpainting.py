@@ -28,7 +28,7 @@ from models.VQGAN_Transformer import (DECODINGS, DEFAULT_TRANSFORMER_CKPT, MaskG
 from sampler.maskgit_sampler import InpaintOutput, inpaint
 from sampler.visualize import step_tiles, strip
 from utils.checkpoint import ensure_writable_dir
-from utils.cli import OneLineParser, check_device, run_cli
+from utils.cli import OneLineParser, check_device, fast_bf16, run_cli
 from utils.data import ground_truth_of, load_test_set
 from utils.image import save_png
 
@@ -66,7 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="blend the fill into its border (sampler docstring; default: the config's `seam_blend`, "
                         "else off)")
     p.add_argument("--no-paste-back", action="store_true", help="keep the raw VQGAN decode at known pixels too")
-    p.add_argument("--fp32", action="store_true", help="run the transformer in fp32 (default: bf16 autocast)")
+    p.add_argument("--fp32", action="store_true",
+                   help="run the transformer in fp32 (default: bf16 autocast where the device has fast bf16 kernels)")
     p.add_argument("--visualize", type=int, default=8, help="how many test images get mask_scheduling/ and imga/")
     p.add_argument("--gt", default=None, help="ground truth: test_gt.csv or a folder of images (default: auto-detect)")
     p.add_argument("--no-fid", action="store_true")
@@ -127,7 +128,7 @@ def inpaint_test_set(args: argparse.Namespace, model: MaskGit, dataset: Dataset,
         result = inpaint(model, images, known, paste_back=not args.no_paste_back, total_iter=args.total_iter,
                          gamma_type=args.mask_func, sweet_spot=args.sweet_spot, temperature=args.temperature,
                          choice_temperature=args.choice_temperature, argmax=settings["decoding"] == "argmax",
-                         generator=generator, bf16=not args.fp32, keep_steps=bool(rows),
+                         generator=generator, bf16=not args.fp32 and fast_bf16(device), keep_steps=bool(rows),
                          pixel_guidance=settings["pixel_guidance"], seam_blend=settings["seam_blend"])
         for r, i in enumerate(index):
             save_png(result.images[r], out_dir / "test_results" / RESULT_NAME.format(i))

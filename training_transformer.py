@@ -33,7 +33,7 @@ from models.VQGAN_Transformer import MaskGit, load_maskgit_config
 from training.token_cache import ensure_token_cache
 from training.transformer import LOG_FIELDS, TokenData, TransformerTrainer, check_resume, train_defaults
 from utils.checkpoint import ensure_writable_dir, load_state_dict_strict, load_training_state, load_weights
-from utils.cli import OneLineParser, UserError, run_cli
+from utils.cli import OneLineParser, UserError, fast_bf16, run_cli
 from utils.config import resolve_path
 from utils.train_utils import (CSVLog, DistEnv, atomic_write_text, cleanup_distributed, on_main_then_share,
                                seed_everything, setup_distributed)
@@ -76,7 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, used for validation and saved")
-    p.add_argument("--amp", choices=["bf16", "none"], default="bf16", help="bf16 autocast (CPU and CUDA) or fp32")
+    p.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
+                   help="bf16 autocast or fp32 (none); auto: bf16 where the device has fast bf16 kernels (CUDA, "
+                        "AVX-512 CPUs), else fp32")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training forward (about 1.9x faster steps on an H100; slow first step)")
     p.add_argument("--max-steps", type=int, default=0,
@@ -185,6 +187,8 @@ def train(args: argparse.Namespace) -> tuple[BidirectionalTransformer, Bidirecti
     check_args(args)
     env = setup_distributed(args.device)
     try:
+        if args.amp == "auto":
+            args.amp = "bf16" if fast_bf16(env.device) else "none"
         with torch.autograd.set_detect_anomaly(args.detect_anomaly):  # restored afterwards, for in-process callers
             return _train(args, env)
     finally:

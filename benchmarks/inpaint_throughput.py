@@ -1,15 +1,17 @@
 """Inpainting throughput: the batched decoder (sampler.maskgit_sampler) against the lab skeleton's way.
 
 The lab way inpaints one image at a time in fp32 and VQGAN-decodes the image at every step (for its
-visualisations); the batched decoder runs B images per transformer call under bf16 autocast and decodes once.
+visualisations); the batched decoder runs B images per transformer call, under bf16 autocast where the device has
+fast bf16 kernels (as inpainting.py does; --amp), and decodes once.
 Both apply the same decoding rule (sampler/lab_loop.py), so with argmax in fp32 they give identical tokens
 (tests/test_sampler.py). Weights are random (speed does not depend on them): a lab-size VQGAN saved to a temporary
 folder and the transformer of --config. Masks come from --mask-dir when it exists, else from the project's stroke
 masks (utils/masks.py). Before the ratio it prints where the time goes, per image: one transformer forward in
-fp32 at batch 1 and in bf16 at --batch-size, and one VQGAN decode at batch 1 and batched. The ratio is about
+fp32 at batch 1 and batched (in the batched decoder's precision), and one VQGAN decode at batch 1 and batched.
+The ratio is about
     (T * fwd_batch1_fp32 + T * decode_batch1) / (T * fwd_batched + decode_batched)   (plus one encode each side)
-so once the forwards are compute-bound, batching gains little and the ratio is the bf16 gain times what the
-T - 1 saved decodes add.
+so once the forwards are compute-bound, batching gains little and the ratio is the bf16 gain (none without fast
+bf16 kernels) times what the T - 1 saved decodes add.
 The last line is the ratio of images/s:  speedup X.XX
 
     OMP_NUM_THREADS=2 python benchmarks/inpaint_throughput.py --images 32 --lab-images 4
@@ -32,7 +34,7 @@ from models.VQGAN import VQGAN  # noqa: E402
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config  # noqa: E402
 from sampler.lab_loop import lab_way_inpaint  # noqa: E402
 from sampler.maskgit_sampler import inpaint  # noqa: E402
-from utils.cli import OneLineParser  # noqa: E402
+from utils.cli import OneLineParser, fast_bf16  # noqa: E402
 from utils.config import resolve_path  # noqa: E402
 from utils.data import read_known_masks  # noqa: E402
 from utils.masks import stroke_mask  # noqa: E402
@@ -76,18 +78,18 @@ def build_model(config: str, tmp: Path, device: str) -> MaskGit:
     return MaskGit(cfg).to(device).eval()
 
 
-def time_per_image(model: MaskGit, batch_size: int, device: str) -> dict[str, float]:
+def time_per_image(model: MaskGit, batch_size: int, device: str, bf16: bool) -> dict[str, float]:
     """Seconds per image of the pieces both ways are made of, on random tokens."""
     n = model.num_image_tokens
     one = torch.randint(0, model.mask_token_id, (1, n), device=device)
     batch = torch.randint(0, model.mask_token_id, (batch_size, n), device=device)
     with torch.inference_mode():
         fp32 = seconds_per_call(lambda: model.transformer(one), device)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             batched = seconds_per_call(lambda: model.transformer(batch), device) / batch_size
         decode_one = seconds_per_call(lambda: model.decode_tokens(one), device)
         decode_batch = seconds_per_call(lambda: model.decode_tokens(batch), device) / batch_size
-    return {"forward fp32 batch 1": fp32, f"forward bf16 batch {batch_size}": batched,
+    return {"forward fp32 batch 1": fp32, f"forward {'bf16' if bf16 else 'fp32'} batch {batch_size}": batched,
             "decode batch 1": decode_one, f"decode batch {batch_size}": decode_batch}
 
 
@@ -100,7 +102,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--total-iter", type=int, default=8)
     parser.add_argument("--mask-dir", default="cat_face/mask64")
+    parser.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
+                        help="the batched decoder's precision (auto: bf16 where it is fast, as in inpainting.py)")
     args = parser.parse_args()
+    bf16 = args.amp == "bf16" or (args.amp == "auto" and fast_bf16(torch.device(args.device)))
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,12 +115,14 @@ def main() -> None:
     known = test_masks(mask_dir, n)
     images = torch.randn(n, 3, 64, 64)
     print(f"device {args.device}, threads {torch.get_num_threads()}, masks from "
-          f"{mask_dir if mask_dir.is_dir() else 'utils.masks.stroke_mask'}, T={args.total_iter}")
+          f"{mask_dir if mask_dir.is_dir() else 'utils.masks.stroke_mask'}, T={args.total_iter}, batched decoder in "
+          f"{'bf16' if bf16 else 'fp32'}")
 
     def ours(count: int) -> None:
         for i in range(0, count, args.batch_size):
             j = min(i + args.batch_size, count)
-            inpaint(model, images[i:j].to(args.device), known[i:j].to(args.device), total_iter=args.total_iter)
+            inpaint(model, images[i:j].to(args.device), known[i:j].to(args.device), total_iter=args.total_iter,
+                    bf16=bf16)
 
     def lab(count: int) -> None:
         for i in range(count):
@@ -127,7 +134,7 @@ def main() -> None:
         fn(warm)  # warm-up: allocator, oneDNN/cuDNN kernel selection
         rates[name] = count / timed(lambda: fn(count), args.device)
         print(f"{name}: {rates[name]:.3f} images/s ({count} images)")
-    parts = time_per_image(model, args.batch_size, args.device)
+    parts = time_per_image(model, args.batch_size, args.device, bf16)
     print("seconds per image: " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()))
     f32, batched, dec1, dec_b = parts.values()
     t = args.total_iter

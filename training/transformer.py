@@ -153,7 +153,8 @@ class TransformerTrainer:
         return (f"transformer {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M params | "
                 f"{len(self.data.train)} train sequences (with flips), {len(self.data.val_target)} val | "
                 f"{env.world_size} process(es) x batch {a.batch_size} x accum {a.accum_grad} | "
-                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} total | device {env.device}")
+                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} total | device {env.device}, "
+                f"{'bf16' if a.amp == 'bf16' else 'fp32'}")
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Continue exactly where save_state left off (this rank's RNG included)."""

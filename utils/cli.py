@@ -1,4 +1,5 @@
-"""What every script shares at its edges: one-line flag errors, the device check, and errors -> exit codes.
+"""What every script shares at its edges: one-line flag errors, what this machine can run (device, fast bf16),
+and errors -> exit codes.
 
 Exit codes of every script: 0 done, 1 training stopped by a non-finite loss or weights, 2 user error (bad flag,
 config, checkpoint or data; an output folder that cannot be written; a full disk), 130 interrupted.
@@ -49,6 +50,15 @@ def check_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
     return device
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast makes this device faster, not slower: CUDA with native bf16, or a CPU on which oneDNN
+    has bf16 kernels (AVX-512 and up, or ARM with bf16). On an AVX2-only CPU bf16 matmuls are emulated: 1.3
+    against 55 GFLOP/s in fp32 on this project's AMD EPYC, 40 times slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def close_progress_bars() -> None:

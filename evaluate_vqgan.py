@@ -12,10 +12,10 @@ import torch
 
 from models.VQGAN import load_vqgan
 from training.vqgan import load_images, reconstruct, validate
+from utils.cli import run_cli
 from utils.fid import fid_from_arrays
 from utils.image import denormalize, to_uint8
 from utils.precision import AMP_CHOICES, conv_memory_format
-from utils.train_utils import run_cli
 
 
 def main(args: argparse.Namespace) -> None:

@@ -16,9 +16,10 @@ Every setting re-seeds its generator with --seed, so a row does not depend on wh
 kind of masks as the test set's: choose the decoding there and keep the test split for the final table.
 Sweet spots: T (the full decode), a step s, or a fraction f of T written with a dot (step round(f*T), half up, >= 1).
 
-    python experiments.py --load-transformer-ckpt-path transformer_checkpoints/transformer_last.pt
-    python experiments.py --only-references --MaskGitConfig configs/MaskGit_small.yml
-    python experiments.py --split val --output-dir experiments_val --MaskGitConfig configs/MaskGit_demo.yml
+    python experiments.py --split val --output-dir experiments_val       # the shipped models (MaskGit_demo.yml)
+    python experiments.py --only-references
+    python experiments.py --MaskGitConfig configs/MaskGit_small.yml \
+        --load-transformer-ckpt-path transformer_checkpoints/transformer_last.pt     # your own stage 2
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -39,16 +41,17 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from inpainting import (DEFAULT_CKPT, OneLineParser, check_device, decoding_defaults, find_gt, load_gt, step_tiles,
-                        strip)
-from models.VQGAN_Transformer import MaskGit, load_maskgit_config, resolve_path
+from models.schedules import GAMMAS
+from models.VQGAN_Transformer import (DECODINGS, DEFAULT_TRANSFORMER_CKPT, MaskGit, decoding_choices,
+                                      load_maskgit_config, transformer_ckpt_path)
 from sampler.maskgit_sampler import inpaint, tokens_to_uint8
-from sampler.schedules import GAMMAS
+from sampler.visualize import step_tiles, strip
 from utils.checkpoint import ensure_writable_dir
-from utils.data import ImageFolderDataset, InpaintingTestSet
+from utils.cli import OneLineParser, check_device, run_cli
+from utils.data import ImageFolderDataset, InpaintingTestSet, ground_truth_of, load_test_set
 from utils.fid import compute_statistics, frechet_distance
-from utils.image import diffuse_fill, normalize, to_uint8, uint8_to_tensor
-from utils.train_utils import close_progress_bars
+from utils.image import diffuse_fill, to_uint8, uint8_to_tensor
+from utils.precision import bf16_is_fast
 
 FIELDS = ["method", "schedule", "T", "sweet_spot", "sweet_spot_flag", "decoding", "pixel_guidance", "seam_blend", "fid",
           "seconds", "images", "seed", "split"]
@@ -81,11 +84,28 @@ class Setting:
         return ("maskgit", self.schedule, str(self.total_iter), self.sweet_spot_flag, self.decoding,
                 str(self.pixel_guidance), on_off(self.seam_blend))
 
+    def inpaint_kwargs(self) -> dict[str, object]:
+        """This setting as keyword arguments of sampler.maskgit_sampler.inpaint."""
+        return dict(total_iter=self.total_iter, gamma_type=self.schedule, sweet_spot=self.sweet_spot,
+                    argmax=self.decoding == "argmax", pixel_guidance=self.pixel_guidance, seam_blend=self.seam_blend)
+
+    def row(self, images: int, seed: int, split: str) -> dict[str, object]:
+        """Its results.csv row, without fid and seconds."""
+        return dict(method="maskgit", schedule=self.schedule, T=self.total_iter, sweet_spot=self.sweet_spot,
+                    sweet_spot_flag=self.sweet_spot_flag, decoding=self.decoding, pixel_guidance=self.pixel_guidance,
+                    seam_blend=on_off(self.seam_blend), images=images, seed=seed, split=split)
+
     @property
     def label(self) -> str:
         extra = "" if self.pixel_guidance == 0 else f" guidance {self.pixel_guidance:g}"
         return (f"{self.schedule} T={self.total_iter} sweet spot {self.sweet_spot} {self.decoding}{extra}"
                 f"{' seam blend' if self.seam_blend else ''}")
+
+
+def reference_row(method: str, images: int, split: str) -> dict[str, object]:
+    """The results.csv row of a reference method, without fid and seconds: no decoding settings, no seed."""
+    return dict(method=method, schedule="", T="", sweet_spot="", sweet_spot_flag="", decoding="", pixel_guidance="",
+                seam_blend="", images=images, seed="", split=split)
 
 
 def on_off(flag: bool) -> str:
@@ -122,7 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mask-funcs", nargs="+", choices=list(GAMMAS), default=["cosine", "linear", "square"])
     p.add_argument("--total-iters", nargs="+", type=int, default=[1, 2, 4, 8, 12], help="decoding steps T")
     p.add_argument("--sweet-spots", nargs="+", default=["T"], help="T, a step, or a fraction of T such as 0.5")
-    p.add_argument("--decodings", nargs="+", choices=["sample", "argmax"], default=["sample", "argmax"])
+    p.add_argument("--decodings", nargs="+", choices=DECODINGS, default=list(DECODINGS))
     p.add_argument("--pixel-guidances", nargs="+", type=float, default=None,
                    help="pixel-guidance strengths (sampler docstring; default: the config's `pixel_guidance`, else 0)")
     p.add_argument("--seam-blends", nargs="+", choices=["on", "off"], default=None,
@@ -138,9 +158,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val_d_path", default="./cat_face/val/", help="clean val images, used with --split val")
     p.add_argument("--partial", type=float, default=1.0, help="fraction of the set to use (the first ones)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--MaskGitConfig", default="configs/MaskGit.yml")
+    p.add_argument("--MaskGitConfig", default="configs/MaskGit_demo.yml", help="MaskGit YAML config (default: the "
+                   "shipped models and the decoding chosen on val)")
     p.add_argument("--load-transformer-ckpt-path", default=None,
-                   help=f"transformer weights (default: model_param.transformer_ckpt of the config, else {DEFAULT_CKPT})")
+                   help="transformer weights (default: model_param.transformer_ckpt of the config, else "
+                        f"{DEFAULT_TRANSFORMER_CKPT})")
     p.add_argument("--test-maskedimage-path", default="./cat_face/masked_image")
     p.add_argument("--test-mask-path", default="./cat_face/mask64")
     p.add_argument("--gt", default=None, help="ground truth: test_gt.csv or a folder of images (default: auto-detect)")
@@ -176,8 +198,6 @@ def sweep(args: argparse.Namespace) -> list[Setting]:
                               args.sweet_spots, args.total_iters)]
 
 
-# ------------------------------------------------------------------------------------------------ inpainting
-
 def telea_inpaint(masked: np.ndarray, known: np.ndarray, radius: int = TELEA_RADIUS) -> np.ndarray:
     """OpenCV's Telea inpainting of uint8 [N, H, W, 3] images with bool [N, H, W] known masks (it works per
     channel, so RGB order is fine, and it leaves the known pixels as they are)."""
@@ -204,7 +224,7 @@ def _decode_tokens_of(model: MaskGit, source: np.ndarray, masked: np.ndarray, kn
     out = []
     for s in range(0, len(source), batch_size):
         batch = slice(s, s + batch_size)
-        _, tokens = model.encode_to_z(normalize(uint8_to_tensor(source[batch]), split).to(device))
+        tokens = model.tokenize(uint8_to_tensor(source[batch]).to(device), split)
         out.append(tokens_to_uint8(model, tokens, masked[batch], torch.from_numpy(known[batch, None]), split,
                                    seam_blend))
     return np.concatenate(out)
@@ -219,7 +239,8 @@ def diffusion_fill(masked: np.ndarray, known: np.ndarray) -> np.ndarray:
 def inpaint_set(model: MaskGit, loader: DataLoader, device: torch.device, seed: int, **kwargs) -> np.ndarray:
     """MaskGIT-inpaint every image of `loader` (kwargs go to sampler.inpaint) -> uint8 [N, H, W, 3]."""
     generator = torch.Generator(device).manual_seed(seed)
-    return np.concatenate([inpaint(model, images.to(device), known.to(device), generator=generator, **kwargs).images
+    return np.concatenate([inpaint(model, images.to(device), known.to(device), generator=generator,
+                                   bf16=bf16_is_fast(device), **kwargs).images
                            for images, known, _ in tqdm(loader, desc="inpainting", unit="batch", leave=False)])
 
 
@@ -239,8 +260,6 @@ class FIDScorer:
         mu, sigma = compute_statistics(images, desc="FID features", **self.kwargs)
         return frechet_distance(mu, sigma, *self.gt_statistics, device=self.device)
 
-
-# ------------------------------------------------------------------------------------------------ results
 
 def row_key(row: dict[str, str]) -> tuple[str, ...]:
     return tuple(row[k] for k in ("method", "schedule", "T", "sweet_spot_flag", "decoding", "pixel_guidance",
@@ -347,8 +366,6 @@ def plot_fid_vs_t(rows: list[dict[str, str]], path: Path) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
-# ------------------------------------------------------------------------------------------------ figure
-
 def decoding_mosaic(model: MaskGit, dataset: InpaintingTestSet, gt: np.ndarray, count: int, schedules: list[str],
                     total_iter: int, argmax: bool, seed: int, device: torch.device, pixel_guidance: float = 0.0,
                     seam_blend: bool = False) -> tuple[np.ndarray, list[str], list[str]]:
@@ -361,8 +378,8 @@ def decoding_mosaic(model: MaskGit, dataset: InpaintingTestSet, gt: np.ndarray, 
     for schedule in schedules:
         generator = torch.Generator(device).manual_seed(seed)
         result = inpaint(model, images, known, split=dataset.split, total_iter=total_iter, gamma_type=schedule,
-                         argmax=argmax, generator=generator, keep_steps=True, pixel_guidance=pixel_guidance,
-                         seam_blend=seam_blend)
+                         argmax=argmax, generator=generator, bf16=bf16_is_fast(device), keep_steps=True,
+                         pixel_guidance=pixel_guidance, seam_blend=seam_blend)
         masks, steps = step_tiles(model, result, list(range(count)), known, paste_back=True)
         for i in range(count):
             interleaved = np.stack([masks[i], steps[i]], axis=1).reshape(-1, *steps.shape[2:])
@@ -385,21 +402,12 @@ def save_mosaic(mosaic: np.ndarray, row_labels: list[str], col_labels: list[str]
     fig.savefig(path, bbox_inches="tight")
 
 
-# ------------------------------------------------------------------------------------------------ main
-
 def test_set(args: argparse.Namespace) -> tuple[InpaintingTestSet, np.ndarray]:
     """The prepared masked test images and their ground truth."""
-    for flag, folder in (("--test-maskedimage-path", args.test_maskedimage_path), ("--test-mask-path", args.test_mask_path)):
-        if not Path(folder).is_dir():
-            raise ValueError(f"{flag} {folder}: folder not found; prepare the dataset or pass the right folder")
-    dataset = InpaintingTestSet(args.test_maskedimage_path, args.test_mask_path, split="test")
-    gt_path = find_gt(args)
-    if gt_path is None:
+    dataset = load_test_set(args.test_maskedimage_path, args.test_mask_path)
+    gt = ground_truth_of(dataset, args.gt, args.test_maskedimage_path)
+    if gt is None:
         raise ValueError(f"no test_gt.csv or test_gt/ beside {args.test_maskedimage_path}; pass --gt")
-    gt = load_gt(gt_path)
-    if len(gt) != len(dataset):
-        raise ValueError(f"{gt_path}: {len(gt)} ground-truth images for {len(dataset)} test images; "
-                         "pass the matching --gt")
     return dataset, gt
 
 
@@ -407,6 +415,41 @@ def val_set(args: argparse.Namespace) -> tuple[InpaintingTestSet, np.ndarray]:
     """The clean val images with stroke holes drawn from VAL_MASK_SEED; the clean images are the ground truth."""
     clean = ImageFolderDataset(args.val_d_path, split="val")
     return InpaintingTestSet.with_stroke_masks(clean.images, [p.name for p in clean.paths], VAL_MASK_SEED), clean.images
+
+
+def reference_inpaint(method: str, model: MaskGit, gt: np.ndarray, masked: np.ndarray, known: np.ndarray,
+                      batch_size: int, device: torch.device, split: str) -> np.ndarray:
+    """The images of one reference row (REFERENCES)."""
+    if method == "telea":
+        return telea_inpaint(masked, known)
+    if method in ("oracle", "oracle_blend"):
+        return oracle_inpaint(model, gt, masked, known, batch_size, device, split, seam_blend=method == "oracle_blend")
+    if method == "diffusion_fill":
+        return diffusion_fill(masked, known)
+    if method == "fill_tokens":
+        return fill_tokens_inpaint(model, masked, known, batch_size, device, split)
+    return masked
+
+
+def measure(make: Callable[[], np.ndarray], score: FIDScorer, row: dict[str, object], csv_path: Path) -> str:
+    """Time `make` (the inpainting only), score its images and append the row at once; returns FID and time."""
+    start = time.perf_counter()
+    images = make()
+    seconds = time.perf_counter() - start
+    fid = score(images)
+    append_row(csv_path, {**row, "fid": fid, "seconds": seconds})
+    return f"FID {fid:.2f} ({seconds:.1f} s)"
+
+
+def save_decoding_figure(args: argparse.Namespace, model: MaskGit, dataset: InpaintingTestSet, gt: np.ndarray,
+                         count: int, device: torch.device, path: Path) -> None:
+    """decoding_figure.png: every schedule at the largest T, with the first decoding, guidance and blend asked."""
+    total_iter = max(args.total_iters)
+    mosaic, row_labels, col_labels = decoding_mosaic(
+        model, dataset, gt, count, args.mask_funcs, total_iter, args.decodings[0] == "argmax", args.seed, device,
+        args.pixel_guidances[0], args.seam_blends[0] == "on")
+    save_mosaic(mosaic, row_labels, col_labels, path, f"iterative decoding, T={total_iter}, {args.decodings[0]}, "
+                f"pixel guidance {args.pixel_guidances[0]:g}, seam blend {args.seam_blends[0]}")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -418,16 +461,14 @@ def run(args: argparse.Namespace) -> None:
     if n < 2:
         raise ValueError(f"--partial {args.partial} leaves {n} image; FID needs at least 2")
     gt, masked, known = gt[:n], dataset.images[:n], dataset.known[:n]
-
-    defaults = decoding_defaults(cfg, args.MaskGitConfig)
+    defaults = decoding_choices(cfg, args.MaskGitConfig)
     if args.pixel_guidances is None:
         args.pixel_guidances = [defaults["pixel_guidance"]]
     if args.seam_blends is None:
         args.seam_blends = [on_off(defaults["seam_blend"])]
     model = MaskGit(cfg).to(device).eval()
     if not args.only_references:
-        model.load_transformer_checkpoint(
-            resolve_path(args.load_transformer_ckpt_path or cfg.get("transformer_ckpt") or DEFAULT_CKPT))
+        model.load_transformer_checkpoint(transformer_ckpt_path(cfg, args.load_transformer_ckpt_path))
 
     csv_path = out_dir / "results.csv"
     done = previous_rows(csv_path, args.resume, n, args.seed, args.split)
@@ -435,77 +476,38 @@ def run(args: argparse.Namespace) -> None:
     settings = [] if args.only_references else [s for s in sweep(args) if s.key not in done]
     if done:
         print(f"resuming {csv_path}: {len(done)} rows already measured", file=sys.stderr)
-
     score = FIDScorer(gt, device, args.batch_size, args.dims)
-    bar = tqdm(total=len(references) + len(settings), desc="study", unit="row")
-    for method in references:
-        start = time.perf_counter()
-        if method == "telea":
-            images = telea_inpaint(masked, known)
-        elif method in ("oracle", "oracle_blend"):
-            images = oracle_inpaint(model, gt, masked, known, args.batch_size, device, dataset.split,
-                                    seam_blend=method == "oracle_blend")
-        elif method == "diffusion_fill":
-            images = diffusion_fill(masked, known)
-        elif method == "fill_tokens":
-            images = fill_tokens_inpaint(model, masked, known, args.batch_size, device, dataset.split)
-        else:
-            images = masked
-        seconds = time.perf_counter() - start
-        fid = score(images)
-        append_row(csv_path, dict(method=method, schedule="", T="", sweet_spot="", sweet_spot_flag="", decoding="",
-                                  pixel_guidance="", seam_blend="", fid=fid, seconds=seconds, images=n, seed="",
-                                  split=args.split))
-        bar.write(f"{REFERENCES[method]}: FID {fid:.2f}")
-        bar.update()
     loader = DataLoader(Subset(dataset, range(n)), batch_size=args.batch_size, shuffle=False)
-    for s in settings:
-        start = time.perf_counter()
-        images = inpaint_set(model, loader, device, args.seed, split=dataset.split, total_iter=s.total_iter,
-                             gamma_type=s.schedule, sweet_spot=s.sweet_spot, argmax=s.decoding == "argmax",
-                             pixel_guidance=s.pixel_guidance, seam_blend=s.seam_blend)
-        seconds = time.perf_counter() - start
-        fid = score(images)
-        append_row(csv_path, dict(method="maskgit", schedule=s.schedule, T=s.total_iter, sweet_spot=s.sweet_spot,
-                                  sweet_spot_flag=s.sweet_spot_flag, decoding=s.decoding,
-                                  pixel_guidance=s.pixel_guidance, seam_blend=on_off(s.seam_blend), fid=fid,
-                                  seconds=seconds, images=n, seed=args.seed, split=args.split))
-        bar.write(f"{s.label}: FID {fid:.2f} ({seconds:.1f} s)")
-        bar.update()
-    bar.close()
+    with tqdm(total=len(references) + len(settings), desc="study", unit="row") as bar:
+        for method in references:
+            result = measure(lambda: reference_inpaint(method, model, gt, masked, known, args.batch_size, device,
+                                                       dataset.split),
+                             score, reference_row(method, n, args.split), csv_path)
+            bar.write(f"{REFERENCES[method]}: {result}")
+            bar.update()
+        for s in settings:
+            result = measure(lambda: inpaint_set(model, loader, device, args.seed, split=dataset.split,
+                                                 **s.inpaint_kwargs()),
+                             score, s.row(n, args.seed, args.split), csv_path)
+            bar.write(f"{s.label}: {result}")
+            bar.update()
 
     figure = not args.only_references and args.figure_images > 0
     if figure:
-        total_iter = max(args.total_iters)
-        mosaic, row_labels, col_labels = decoding_mosaic(
-            model, dataset, gt, min(args.figure_images, n), args.mask_funcs, total_iter,
-            args.decodings[0] == "argmax", args.seed, device, args.pixel_guidances[0], args.seam_blends[0] == "on")
-        save_mosaic(mosaic, row_labels, col_labels, out_dir / "decoding_figure.png",
-                    f"iterative decoding, T={total_iter}, {args.decodings[0]}, pixel guidance "
-                    f"{args.pixel_guidances[0]:g}, seam blend {args.seam_blends[0]}")
+        save_decoding_figure(args, model, dataset, gt, min(args.figure_images, n), device,
+                             out_dir / "decoding_figure.png")
     rows = read_results(csv_path)
     print(write_markdown(rows, out_dir / "results.md"), end="")
     plot_fid_vs_t(rows, out_dir / "fid_vs_T.png")
     print(f"wrote results.csv, results.md, fid_vs_T.png{', decoding_figure.png' if figure else ''} in {out_dir}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, OSError) as e:  # config, checkpoint, data, output, resume and FID errors all say what to do
-        if args.debug:
-            raise
-        close_progress_bars()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # every finished row is already in results.csv
-        if args.debug:
-            raise
-        close_progress_bars()
-        print(f"interrupted; rerun with --resume to continue {Path(args.output_dir) / 'results.csv'}", file=sys.stderr)
-        sys.exit(130)
+    # every finished row is already in results.csv when Ctrl-C comes
+    return run_cli(lambda: run(args), debug=args.debug,
+                   interrupted=f"interrupted; rerun with --resume to continue {Path(args.output_dir) / 'results.csv'}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,10 @@
 """Build the lab's dataset layout from the real 64x64 cat faces.
 
-    python prepare_dataset.py                       # ../shared/data/cat_faces_64x64.zip -> ./cat_face
     python prepare_dataset.py --source cats.zip --output cat_face --seed 0
+    CAT_FACES_ZIP=cats.zip python prepare_dataset.py        # the same
+    python prepare_dataset.py          # on the project's machines: ../shared/data/cat_faces_64x64.zip -> ./cat_face
+
+The archive is the public Kaggle set "Cats faces 64x64 (For generative models)" (README "Data").
 
 Output (lab names): train/image_%05d.png, val/image_%05d.png, masked_image/image_%03d.png,
 mask64/mask_%03d.png (L, 255 = known, 0 = hole), test_gt/image_%03d.png, test_gt.csv and dataset.json.
@@ -31,6 +34,7 @@ from scipy.sparse.csgraph import connected_components
 from tqdm import tqdm
 
 from utils.checkpoint import ensure_writable_dir
+from utils.cli import OneLineParser, UserError, run_cli
 from utils.data import write_gt_csv
 from utils.image import HOLE_GRAY, IMAGE_SIZE, read_rgb, save_png
 from utils.masks import HOLE_RATIO, stroke_mask
@@ -45,7 +49,7 @@ NEAR_DUP_COSINE = 0.95
 DEFAULT_SOURCE = Path(__file__).resolve().parent.parent / "shared" / "data" / "cat_faces_64x64.zip"
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """A problem the user must fix; printed as one line."""
 
 
@@ -83,7 +87,8 @@ def list_images(source: Path) -> list[str]:
         except (zipfile.BadZipFile, OSError) as e:
             raise DatasetError(f"{source}: not a readable zip archive ({e}); pass a .zip or a folder of images")
     else:
-        raise DatasetError(f"{source}: source not found; pass --source or set CAT_FACES_ZIP")
+        raise DatasetError(f"{source}: source not found; download the cat-face archive (README \"Data\") and pass "
+                           "--source FILE.zip or set CAT_FACES_ZIP")
     names = sorted((n for n in names if _is_image(n)), key=_natural_key)
     if not names:
         raise DatasetError(f"{source}: holds no .jpg/.png images")
@@ -299,8 +304,8 @@ def build(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--source", default=os.environ.get("CAT_FACES_ZIP", str(DEFAULT_SOURCE)),
                    help="a .zip or a folder of 64x64 .jpg/.png cat faces (env CAT_FACES_ZIP)")
     p.add_argument("--output", default="./cat_face", help="dataset folder to create")
@@ -310,19 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="rebuild even if --output holds another dataset")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
-    try:
-        build(args)
-    except (DatasetError, OSError) as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # build() has removed its half-built folder; any previous dataset is untouched
-        if args.debug:
-            raise
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+    # on Ctrl-C build() has removed its half-built folder; any previous dataset is untouched
+    return run_cli(lambda: build(args), debug=args.debug)
 
 
 if __name__ == "__main__":

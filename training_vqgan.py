@@ -28,10 +28,10 @@ from models.VQGAN import load_vqgan_config
 from training.vqgan import TRAIN_DEFAULTS, VQGANTrainer, load_images, validate
 from utils.checkpoint import (TRAINING_STATE_TAG, atomic_save, ensure_writable_dir, load_state_dict_strict, load_training_state,
                               load_weights, rng_state, set_rng_state)
+from utils.cli import EXIT_INTERRUPTED, TrainingStopped, UserError, run_cli
 from utils.config import load_config
 from utils.precision import AMP_CHOICES
-from utils.train_utils import (EXIT_INTERRUPTED, CSVLog, GracefulInterrupt, TrainingStopped, UserError,
-                               atomic_write_text, check_finite_weights, diverged, run_cli, seed_everything)
+from utils.train_utils import CSVLog, GracefulInterrupt, atomic_write_text, check_finite_weights, diverged, seed_everything
 
 LOG_FIELDS = ["epoch", "step", "train_rec_loss", "train_q_loss", "train_g_loss", "train_d_loss", "val_psnr",
               "codebook_usage", "perplexity", "images_per_s", "seconds"]

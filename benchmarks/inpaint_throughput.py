@@ -1,22 +1,29 @@
 """Inpainting throughput: the batched decoder (sampler.maskgit_sampler) against the lab skeleton's way.
 
 The lab way inpaints one image at a time in fp32 and VQGAN-decodes the image at every step (for its
-visualisations); the batched decoder runs B images per transformer call under bf16 autocast and decodes once.
-Both apply the same decoding rule, so with argmax in fp32 they give identical tokens (tests/test_sampler.py).
-Weights are random (speed does not depend on them): a lab-size VQGAN saved to a temporary folder and the
-transformer of --config. Masks come from --mask-dir when it exists, else from synthetic brush strokes.
+visualisations); the batched decoder runs B images per transformer call, under bf16 autocast where the device has
+fast bf16 kernels (as inpainting.py does; --amp), and decodes once.
+Both apply the same decoding rule (sampler/lab_loop.py), so with argmax in fp32 they give identical tokens
+(tests/test_sampler.py). Weights are random (speed does not depend on them): a lab-size VQGAN saved to a temporary
+folder and the transformer of --config. Masks come from --mask-dir when it exists, else from the project's stroke
+masks (utils/masks.py). Before the ratio it prints where the time goes, per image: one transformer forward in
+fp32 at batch 1 and batched (in the batched decoder's precision), and one VQGAN decode at batch 1 and batched.
+The ratio is about
+    (T * fwd_batch1_fp32 + T * decode_batch1) / (T * fwd_batched + decode_batched)   (plus one encode each side)
+so once the forwards are compute-bound, batching gains little and the ratio is the bf16 gain (none without fast
+bf16 kernels) times what the T - 1 saved decodes add.
 The last line is the ratio of images/s:  speedup X.XX
 
     OMP_NUM_THREADS=2 python benchmarks/inpaint_throughput.py --images 32 --lab-images 4
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,69 +31,43 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.VQGAN import VQGAN  # noqa: E402
-from models.VQGAN_Transformer import MaskGit, load_maskgit_config, resolve_path  # noqa: E402
-from sampler.latent_mask import latent_known_mask  # noqa: E402
-from sampler.maskgit_sampler import gumbel_noise, inpaint  # noqa: E402
-from sampler.schedules import gamma_func  # noqa: E402
-from utils.image import read_rgb  # noqa: E402
+from models.VQGAN_Transformer import MaskGit, load_maskgit_config  # noqa: E402
+from sampler.lab_loop import lab_way_inpaint  # noqa: E402
+from sampler.maskgit_sampler import inpaint  # noqa: E402
+from utils.cli import OneLineParser  # noqa: E402
+from utils.config import resolve_path  # noqa: E402
+from utils.data import read_known_masks  # noqa: E402
+from utils.masks import stroke_mask  # noqa: E402
+from utils.precision import bf16_is_fast  # noqa: E402
 
 
-@torch.inference_mode()
-def lab_way_inpaint(model: MaskGit, image: torch.Tensor, pixel_known: torch.Tensor, total_iter: int = 8,
-                    gamma_type: str = "cosine", sweet_spot: int | None = None, argmax: bool = False,
-                    temperature: float = 1.0, choice_temperature: float = 4.5,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The lab skeleton's loop for ONE image [1, 3, H, W] in fp32: returns (tokens [1, N], decoded image per step).
-
-    Same rule as sampler.maskgit_sampler.decode, written the lab's way: topk of the n least confident tokens,
-    torch.multinomial for sampling, and a VQGAN decode after every step.
-    """
-    mask_bc = ~latent_known_mask(pixel_known, model.vqgan.latent_resolution)
-    _, z_indices = model.encode_to_z(image)
-    mask_num = int(mask_bc.sum())
-    gamma = gamma_func(gamma_type)
-    decoded = []
-    for step in range(total_iter):
-        if step == sweet_spot:
-            break
-        logits = model.transformer(torch.where(mask_bc, model.mask_token_id, z_indices))[..., :model.mask_token_id]
-        logp = (logits / temperature).log_softmax(dim=-1)
-        if argmax:
-            idx = logp.argmax(dim=-1)
-        else:
-            idx = torch.multinomial(logp[0].exp(), 1, generator=generator).view(1, -1)
-        z_indices = torch.where(mask_bc, idx, z_indices)
-        confidence = logp.gather(-1, idx[..., None]).squeeze(-1)
-        if choice_temperature > 0:
-            confidence = confidence + choice_temperature * (1 - step / total_iter) * gumbel_noise(
-                confidence.shape, generator, confidence.device)
-        confidence[~mask_bc] = math.inf
-        n = math.ceil(float(gamma((step + 1) / total_iter)) * mask_num)
-        mask_bc = torch.zeros_like(mask_bc)
-        mask_bc[0, torch.topk(confidence[0], n, largest=False).indices] = True
-        decoded.append(model.decode_tokens(z_indices))
-    return z_indices, decoded
-
-
-def brush_masks(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
-    """Free-form random-walk strokes covering about a quarter of the image: bool [n, 1, size, size], True = known."""
-    rng = np.random.default_rng(seed)
-    known = np.ones((n, size, size), dtype=bool)
-    yy, xx = np.mgrid[:size, :size]
-    for i in range(n):
-        y, x = rng.uniform(0, size, 2)
-        while (~known[i]).mean() < 0.25:
-            y = np.clip(y + rng.normal(0, 4), 0, size - 1)
-            x = np.clip(x + rng.normal(0, 4), 0, size - 1)
-            known[i] &= (yy - y) ** 2 + (xx - x) ** 2 > 9
+def test_masks(mask_dir: Path, n: int) -> torch.Tensor:
+    """bool [n, 1, 64, 64], True = known: the first n masks of `mask_dir` (cycled when it holds fewer), else n
+    stroke masks like the test set's."""
+    if mask_dir.is_dir():
+        known = read_known_masks(mask_dir)
+        known = np.concatenate([known] * math.ceil(n / len(known)))[:n]
+    else:
+        rng = np.random.default_rng(0)
+        known = ~np.stack([stroke_mask(rng) for _ in range(n)])
     return torch.from_numpy(known)[:, None]
 
 
-def load_masks(mask_dir: Path, n: int) -> torch.Tensor:
-    """The first n lab masks (255 = known), cycled when the folder holds fewer."""
-    files = sorted(mask_dir.glob("*.png"))
-    masks = torch.from_numpy(np.stack([read_rgb(f)[..., 0] > 127 for f in files[:n]]))[:, None]
-    return masks.repeat(math.ceil(n / len(masks)), 1, 1, 1)[:n]
+def timed(fn: Callable[[], object], device: str) -> float:
+    """Wall time of one fn() call, CUDA work included."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def seconds_per_call(fn: Callable[[], object], device: str, reps: int = 3) -> float:
+    """Mean wall time of fn() after one warm-up call (allocator, oneDNN/cuDNN kernel selection)."""
+    fn()
+    return sum(timed(fn, device) for _ in range(reps)) / reps
 
 
 def build_model(config: str, tmp: Path, device: str) -> MaskGit:
@@ -98,8 +79,23 @@ def build_model(config: str, tmp: Path, device: str) -> MaskGit:
     return MaskGit(cfg).to(device).eval()
 
 
+def time_per_image(model: MaskGit, batch_size: int, device: str, bf16: bool) -> dict[str, float]:
+    """Seconds per image of the pieces both ways are made of, on random tokens."""
+    n = model.num_image_tokens
+    one = torch.randint(0, model.mask_token_id, (1, n), device=device)
+    batch = torch.randint(0, model.mask_token_id, (batch_size, n), device=device)
+    with torch.inference_mode():
+        fp32 = seconds_per_call(lambda: model.transformer(one), device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            batched = seconds_per_call(lambda: model.transformer(batch), device) / batch_size
+        decode_one = seconds_per_call(lambda: model.decode_tokens(one), device)
+        decode_batch = seconds_per_call(lambda: model.decode_tokens(batch), device) / batch_size
+    return {"forward fp32 batch 1": fp32, f"forward {'bf16' if bf16 else 'fp32'} batch {batch_size}": batched,
+            "decode batch 1": decode_one, f"decode batch {batch_size}": decode_batch}
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/MaskGit.yml")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--images", type=int, default=64, help="images for the batched decoder")
@@ -107,22 +103,27 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--total-iter", type=int, default=8)
     parser.add_argument("--mask-dir", default="cat_face/mask64")
+    parser.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
+                        help="the batched decoder's precision (auto: bf16 where it is fast, as in inpainting.py)")
     args = parser.parse_args()
+    bf16 = args.amp == "bf16" or (args.amp == "auto" and bf16_is_fast(torch.device(args.device)))
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(args.config, Path(tmp), args.device)
     n = max(args.images, args.lab_images)
     mask_dir = Path(args.mask_dir)
-    known = load_masks(mask_dir, n) if mask_dir.is_dir() else brush_masks(n)
+    known = test_masks(mask_dir, n)
     images = torch.randn(n, 3, 64, 64)
     print(f"device {args.device}, threads {torch.get_num_threads()}, masks from "
-          f"{mask_dir if mask_dir.is_dir() else 'synthetic strokes'}, T={args.total_iter}")
+          f"{mask_dir if mask_dir.is_dir() else 'utils.masks.stroke_mask'}, T={args.total_iter}, batched decoder in "
+          f"{'bf16' if bf16 else 'fp32'}")
 
     def ours(count: int) -> None:
         for i in range(0, count, args.batch_size):
             j = min(i + args.batch_size, count)
-            inpaint(model, images[i:j].to(args.device), known[i:j].to(args.device), total_iter=args.total_iter)
+            inpaint(model, images[i:j].to(args.device), known[i:j].to(args.device), total_iter=args.total_iter,
+                    bf16=bf16)
 
     def lab(count: int) -> None:
         for i in range(count):
@@ -132,14 +133,14 @@ def main() -> None:
     rates = {}
     for name, fn, count, warm in (("batched", ours, args.images, 2), ("lab way", lab, args.lab_images, 1)):
         fn(warm)  # warm-up: allocator, oneDNN/cuDNN kernel selection
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn(count)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        rates[name] = count / (time.perf_counter() - t0)
+        rates[name] = count / timed(lambda: fn(count), args.device)
         print(f"{name}: {rates[name]:.3f} images/s ({count} images)")
+    parts = time_per_image(model, args.batch_size, args.device, bf16)
+    print("seconds per image: " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()))
+    f32, batched, dec1, dec_b = parts.values()
+    t = args.total_iter
+    print(f"batched forward vs batch-1 fp32 forward {f32 / batched:.2f}x; expected from the parts "
+          f"(T forwards + decodes; encode and sampling left out) {(t * f32 + t * dec1) / (t * batched + dec_b):.2f}")
     print(f"speedup {rates['batched'] / rates['lab way']:.2f}")
 
 

@@ -1,14 +1,16 @@
-"""Training throughput of the stage-2 transformer on the CPU under bf16 autocast, against a plain bf16 matmul.
+"""Training throughput of the stage-2 transformer on the CPU, against a plain matmul of the same precision.
 
-One step = forward + masked-token cross-entropy + backward + AdamW (fused: 3-4x faster than the default
-foreach on this CPU), on random tokens (speed does not depend on the data).
+One step = forward + masked-token cross-entropy + backward + the trainer's AdamW (the model's
+configure_optimizers), on random tokens (speed does not depend on the data).
 FLOPs are counted analytically, matmuls only:
     per image = 6 * P_mm * N                 (forward 2, backward 4 FLOPs per weight per token)
               + 12 * L * N^2 * d             (QK^T and AV: 2 * 2N^2 d forward per layer, twice that backward)
 with P_mm = all Linear weights + the tied output embedding (num_codebook_vectors+1) x d, N tokens, L layers,
 d = dim. LayerNorm, GELU, softmax, dropout and the optimizer are not counted (they cost time, not counted FLOPs).
-The reference is a [4096, d] x [d, 4d] bf16 matmul timed right after every timed step (mean of 10 runs each
-time, median over steps), so that both see the same load on a shared machine; the last line is the ratio:
+The precision is the trainer's (--amp auto: bf16 autocast where the CPU has fast bf16 kernels, else fp32).
+The reference is a [4096, d] x [d, 4d] matmul in that precision, timed right after every timed step (mean of
+10 runs each time, median over steps), so that both see the same load on a shared machine; the last line is the
+ratio:
     mfu_vs_matmul X.XX
 
     OMP_NUM_THREADS=2 python benchmarks/train_throughput.py --batch-size 16 --iters 5
@@ -24,12 +26,14 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.Transformer import BidirectionalTransformer  # noqa: E402
-from utils.config import ConfigError, load_config  # noqa: E402
+from models.VQGAN_Transformer import mvtm_loss  # noqa: E402
+from utils.cli import OneLineParser, run_cli  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.precision import bf16_is_fast  # noqa: E402
 
 
 def matmul_flops_per_image(model: BidirectionalTransformer, cfg: dict) -> float:
@@ -48,38 +52,42 @@ def matmul_reference(a: torch.Tensor, b: torch.Tensor, reps: int = 10) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/MaskGit.yml", help="MaskGIT config (Transformer_param is used)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--iters", type=int, default=5, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps before timing")
+    parser.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
+                        help="bf16 autocast or fp32 (auto: bf16 where the CPU has fast bf16 kernels, as the trainer)")
     args = parser.parse_args()
     if args.iters < 1 or args.batch_size < 1 or args.warmup < 0:
         parser.error("--iters and --batch-size must be >= 1, --warmup >= 0")
-    try:
-        full = load_config(args.config, required={"model_param": ["Transformer_param"]})
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    cfg = full["model_param"]["Transformer_param"]
+    sys.exit(run_cli(lambda: measure(args)))
 
+
+def measure(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, required={"model_param": ["Transformer_param"]})["model_param"]["Transformer_param"]
+
+    bf16 = args.amp == "bf16" or (args.amp == "auto" and bf16_is_fast(torch.device("cpu")))
+    dtype = torch.bfloat16 if bf16 else torch.float32
     torch.manual_seed(0)
     model = BidirectionalTransformer(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.96), weight_decay=0.045, fused=True)
+    opt = model.configure_optimizers(1e-4, (0.9, 0.96), 0.045, "cpu")
     b, n = args.batch_size, cfg["num_image_tokens"]
     targets = torch.randint(0, cfg["num_codebook_vectors"], (b, n))
     masked = torch.rand(b, n) < 0.5
     tokens = targets.masked_fill(masked, model.mask_token_id)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(tokens)
-        loss = F.cross_entropy(logits[masked].float(), targets[masked])
+        loss = mvtm_loss(logits, targets, masked)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    a = torch.randn(4096, cfg["dim"], dtype=torch.bfloat16)
-    w = torch.randn(cfg["dim"], 4 * cfg["dim"], dtype=torch.bfloat16)
+    a = torch.randn(4096, cfg["dim"], dtype=dtype)
+    w = torch.randn(cfg["dim"], 4 * cfg["dim"], dtype=dtype)
     matmul_reference(a, w)  # warm-up
     for _ in range(args.warmup):
         step()
@@ -94,9 +102,11 @@ def main() -> None:
 
     achieved = matmul_flops_per_image(model, cfg) * b / sec
     print(f"config {args.config}: dim {cfg['dim']}, layers {cfg['n_layers']}, tokens {n}, batch {b}, "
-          f"threads {torch.get_num_threads()}, params {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M")
+          f"threads {torch.get_num_threads()}, params {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M, "
+          f"{'bf16' if bf16 else 'fp32'}, CPU {torch.backends.cpu.get_cpu_capability()}")
     print(f"step {sec:.3f} s   images/s {b / sec:.2f}   tokens/s {b * n / sec:.0f}")
-    print(f"achieved {achieved / 1e9:.1f} GFLOP/s   bf16 matmul [4096,{cfg['dim']}]x[{cfg['dim']},{4 * cfg['dim']}] "
+    print(f"achieved {achieved / 1e9:.1f} GFLOP/s   {'bf16' if bf16 else 'fp32'} matmul "
+          f"[4096,{cfg['dim']}]x[{cfg['dim']},{4 * cfg['dim']}] "
           f"{peak / 1e9:.1f} GFLOP/s")
     print(f"mfu_vs_matmul {achieved / peak:.2f}")
 

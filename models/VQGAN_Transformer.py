@@ -1,4 +1,9 @@
-"""MaskGIT: a frozen VQGAN tokenizer plus a bidirectional transformer trained by masked visual token modeling."""
+"""MaskGIT: a frozen VQGAN tokenizer plus a bidirectional transformer trained by masked visual token modeling.
+
+MaskGit is the unit that travels between the trainer, the sampler and the scripts: it owns its mask schedule,
+its loss, and the way between pixels and tokens (tokenize/detokenize, with the lab's normalization split), so
+that nothing outside this file reaches into the VQGAN.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,24 +14,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.Transformer import BidirectionalTransformer
+from models.schedules import GAMMAS, gamma_func
 from models.VQGAN import VQGAN, load_vqgan, load_vqgan_config
-from sampler.schedules import GAMMAS, gamma_func
 from utils.checkpoint import CheckpointError, load_state_dict_strict, load_weights
-from utils.config import ConfigError, load_config, require_keys, require_positive_ints
+from utils.config import ConfigError, load_config, require_keys, require_positive_ints, resolve_path
+from utils.image import denormalize, normalize
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_TRANSFORMER_CKPT = "./transformer_checkpoints/transformer_last.pt"  # where training_transformer.py writes
+DECODINGS = ("sample", "argmax")
 MODEL_PARAM_KEYS = ["VQ_Configs", "num_image_tokens", "num_codebook_vectors", "choice_temperature", "gamma_type",
                     "Transformer_param"]
 TRANSFORMER_KEYS = ["num_image_tokens", "num_codebook_vectors", "dim", "n_layers", "hidden_dim"]
-
-
-def resolve_path(path: str | Path) -> Path:
-    """Config paths are relative to the working directory, as in the lab; fall back to the repository root
-    so that scripts also work when started from elsewhere."""
-    path = Path(path)
-    if path.is_absolute() or path.exists() or not (REPO_ROOT / path).exists():
-        return path
-    return REPO_ROOT / path
 
 
 def load_maskgit_config(path: str | Path) -> dict[str, Any]:
@@ -46,7 +44,29 @@ def load_maskgit_config(path: str | Path) -> dict[str, Any]:
         if tp[key] != cfg[key]:
             raise ConfigError(f"{path}: model_param.{key} ({cfg[key]}) differs from Transformer_param.{key} "
                               f"({tp[key]}); make them equal")
+    decoding_choices(cfg, path)
     return cfg
+
+
+def decoding_choices(cfg: dict[str, Any], path: str | Path = "config") -> dict[str, Any]:
+    """The config's optional decoding keys (`decoding`, `pixel_guidance`, `seam_blend`; sampler docstring),
+    checked; when absent, the lab's decoding: sampling, no pixel guidance, no seam blend."""
+    decoding = cfg.get("decoding", "sample")
+    if decoding not in DECODINGS:
+        raise ConfigError(f"{path}: model_param.decoding is {decoding!r}; use sample or argmax")
+    guidance = cfg.get("pixel_guidance", 0.0)
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 0:
+        raise ConfigError(f"{path}: model_param.pixel_guidance is {guidance!r}; use a number >= 0")
+    blend = cfg.get("seam_blend", False)
+    if not isinstance(blend, bool):
+        raise ConfigError(f"{path}: model_param.seam_blend is {blend!r}; use true or false")
+    return {"decoding": decoding, "pixel_guidance": float(guidance), "seam_blend": blend}
+
+
+def transformer_ckpt_path(cfg: dict[str, Any], override: str | Path | None = None) -> Path:
+    """The transformer weights to load: the flag when given, else the config's `transformer_ckpt` (the shipped
+    weights in configs/MaskGit_demo.yml), else what training_transformer.py writes by default."""
+    return resolve_path(override or cfg.get("transformer_ckpt") or DEFAULT_TRANSFORMER_CKPT)
 
 
 def _load_frozen_vqgan(vq_cfg: dict[str, Any]) -> VQGAN:
@@ -102,6 +122,7 @@ class MaskGit(nn.Module):
             raise ConfigError(f"num_image_tokens is {cfg['num_image_tokens']} but the VQGAN makes "
                               f"{self.vqgan.latent_resolution}x{self.vqgan.latent_resolution} tokens; make them match")
         self.num_image_tokens = cfg["num_image_tokens"]
+        self.latent_resolution = self.vqgan.latent_resolution
         self.mask_token_id = self.transformer.mask_token_id
         self.choice_temperature = cfg["choice_temperature"]
         self.gamma_type = cfg["gamma_type"]
@@ -115,8 +136,19 @@ class MaskGit(nn.Module):
 
     @staticmethod
     def gamma_func(mode: str = "cosine") -> Callable[[torch.Tensor | float], torch.Tensor]:
-        """The mask scheduling function; sampler.schedules is its only home."""
+        """The mask scheduling function (the lab's method name); models.schedules is its only home."""
         return gamma_func(mode)
+
+    def mask_tokens(self, indices: torch.Tensor, generator: torch.Generator | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MVTM corruption with this model's schedule and mask id (see mask_tokens)."""
+        return mask_tokens(indices, self.gamma, self.mask_token_id, generator)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0
+             ) -> torch.Tensor:
+        """The MVTM loss: cross-entropy on the masked positions only (mvtm_loss)."""
+        return mvtm_loss(logits, target, mask, label_smoothing)
 
     @torch.no_grad()
     def encode_to_z(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +163,7 @@ class MaskGit(nn.Module):
         The loss is mvtm_loss(logits, target, mask): cross-entropy on the masked positions only.
         """
         target = self.encode_to_z(x)[1] if x.is_floating_point() else x
-        corrupted, mask = mask_tokens(target, self.gamma, self.mask_token_id, generator)
+        corrupted, mask = self.mask_tokens(target, generator)
         return self.transformer(corrupted), target, mask
 
     def load_transformer_checkpoint(self, path: str | Path) -> None:
@@ -142,3 +174,18 @@ class MaskGit(nn.Module):
     def decode_tokens(self, indices: torch.Tensor) -> torch.Tensor:
         """Token ids [B, N] (or [B, h, w]) -> normalized images [B, 3, H, W]."""
         return self.vqgan.decode_indices(indices)
+
+    def tokenize(self, images: torch.Tensor, split: str = "test") -> torch.Tensor:
+        """[0,1] images [B,3,H,W] -> token ids [B, N], normalized with the statistics of `split` (utils.image)."""
+        return self.encode_to_z(normalize(images, split))[1]
+
+    def detokenize(self, indices: torch.Tensor, split: str = "test") -> torch.Tensor:
+        """Token ids [B, N] -> [0,1] images [B,3,H,W] in fp32, de-normalized with the statistics of `split`."""
+        return denormalize(self.decode_tokens(indices).float(), split)
+
+    @torch.no_grad()
+    def code_distances(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized images [B,3,H,W] -> squared distance of each pre-quantization latent to each code [B, N, K]."""
+        z = self.vqgan.encode_continuous(x).float()
+        d = self.vqgan.codebook.squared_distances(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
+        return d.view(x.shape[0], self.num_image_tokens, -1)

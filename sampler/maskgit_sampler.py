@@ -35,8 +35,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.schedules import gamma_func
+from models.VQGAN_Transformer import MaskGit
 from sampler.latent_mask import latent_known_mask
-from sampler.schedules import gamma_func
 from utils.image import denormalize, diffuse_fill, to_uint8
 
 
@@ -121,14 +122,14 @@ def decode(transformer: nn.Module, tokens: torch.Tensor, masked: torch.Tensor, *
     return DecodeOutput(filled, step_tokens, step_masks)
 
 
-def tokens_to_uint8(model: nn.Module, tokens: torch.Tensor, base: np.ndarray | None = None,
+def tokens_to_uint8(model: MaskGit, tokens: torch.Tensor, base: np.ndarray | None = None,
                     pixel_known: torch.Tensor | None = None, split: str = "test", seam_blend: bool = False
                     ) -> np.ndarray:
     """VQGAN-decode tokens [B, N] to uint8 [B, H, W, 3]; with `base` (uint8 [B, H, W, 3]) and `pixel_known`
     (bool [B, 1, H, W]) the known pixels are pasted back from `base`, in uint8 so that they are exact, after the
     seam blend (module docstring) when asked."""
     with torch.inference_mode():
-        decoded = denormalize(model.decode_tokens(tokens).float(), split)
+        decoded = model.detokenize(tokens, split)
         if seam_blend and base is not None:
             known = pixel_known.reshape(base.shape[0], 1, base.shape[1], base.shape[2]).to(decoded.device)
             target = torch.from_numpy(base).to(decoded.device).permute(0, 3, 1, 2).float() / 255
@@ -140,14 +141,13 @@ def tokens_to_uint8(model: nn.Module, tokens: torch.Tensor, base: np.ndarray | N
     return np.where(keep, base, images)
 
 
-def pixel_evidence(model: nn.Module, images: torch.Tensor, pixel_known: torch.Tensor, strength: float
+def pixel_evidence(model: MaskGit, images: torch.Tensor, pixel_known: torch.Tensor, strength: float
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel guidance (module docstring): the tokens [B, N] of the diffusion-filled `images` and the logit bias
     [B, N, K], from one encoder pass and one code-distance matrix. Distances are divided by each image's median
     distance to the nearest code, so that `strength` does not depend on the VQGAN's latent scale."""
-    z = model.vqgan.encode_continuous(diffuse_fill(images, pixel_known)).float()
-    codebook, res = model.vqgan.codebook, model.vqgan.latent_resolution
-    d = codebook.squared_distances(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])).view(z.shape[0], res * res, -1)
+    d = model.code_distances(diffuse_fill(images, pixel_known))
+    res = model.latent_resolution
     nearest = d.min(dim=-1)
     scale = nearest.values.median(dim=1).values.clamp(min=1e-12)
     known_fraction = F.avg_pool2d(pixel_known.float(), pixel_known.shape[-1] // res).flatten(1)  # [B, N]
@@ -155,18 +155,18 @@ def pixel_evidence(model: nn.Module, images: torch.Tensor, pixel_known: torch.Te
 
 
 @torch.inference_mode()
-def inpaint(model: nn.Module, images: torch.Tensor, pixel_known: torch.Tensor, *, paste_back: bool = True,
+def inpaint(model: MaskGit, images: torch.Tensor, pixel_known: torch.Tensor, *, paste_back: bool = True,
             split: str = "test", total_iter: int = 8, gamma_type: str | None = None,
             choice_temperature: float | None = None, pixel_guidance: float = 0.0, seam_blend: bool = False,
             **decode_kwargs) -> InpaintOutput:
     """Inpaint a batch: normalized masked images [B, 3, H, W] and pixel masks bool [B, 1, H, W] (True = known).
 
-    `model` is a MaskGit (vqgan, transformer, encode_to_z, decode_tokens); gamma_type and choice_temperature
-    default to its config; pixel_guidance and seam_blend are the module docstring's additions (seam_blend needs
-    paste_back); decode_kwargs (sweet_spot, temperature, argmax, generator, bf16, keep_steps) go to decode.
+    gamma_type and choice_temperature default to the model's config; pixel_guidance and seam_blend are the module
+    docstring's additions (seam_blend needs paste_back); decode_kwargs (sweet_spot, temperature, argmax, generator,
+    bf16, keep_steps) go to decode.
     The VQGAN runs in fp32, once to encode and once to decode; step images are left to the caller.
     """
-    known = latent_known_mask(pixel_known, model.vqgan.latent_resolution)
+    known = latent_known_mask(pixel_known, model.latent_resolution)
     if pixel_guidance > 0:
         indices, bias = pixel_evidence(model, images, pixel_known, pixel_guidance)
     else:

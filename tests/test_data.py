@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.data import ImageFolderDataset, InpaintingTestSet, read_gt_csv, write_gt_csv
+from utils.data import ImageFolderDataset, InpaintingTestSet, write_gt_csv
+from utils.fid import read_csv_images as read_gt_csv
 from utils.image import denormalize, save_png, to_uint8
 
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tiny_maskgit import make_tiny_setup, one_line_error, random_transformer_checkpoint, write_masked_test_set
+from tiny_maskgit import (brush_masks, make_tiny_setup, one_line_error, random_transformer_checkpoint,
+                          write_masked_test_set)
 
 import experiments
-from benchmarks.inpaint_throughput import brush_masks
-from inpainting import TILE_PAD
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config
+from sampler.visualize import TILE_PAD
 from utils.data import InpaintingTestSet
 from utils.image import save_png
 

@@ -215,3 +215,17 @@ def test_more_bad_inputs_and_interrupt(sets, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(fid_score_gpu, "fid_between", interrupted)
     code, lines = _run(["--predicted-path", str(sets.a_dir), "--gt-path", str(sets.b_dir), "--device", "cpu"], capsys)
     assert code == 130 and lines == ["interrupted"]
+
+
+def test_cuda_asked_without_cuda_computes_on_the_cpu_with_one_note(sets, tmp_path, capsys, monkeypatch):
+    """The lab's command says --device cuda:0; without CUDA it still gives the FID, and says so in one line."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("FID_CACHE_DIR", "")
+    argv = ["--predicted-path", str(sets.a_dir), "--gt-path", str(sets.b_dir), "--dims", "64"]
+    assert fid_score_gpu.main(argv + ["--device", "cuda:0"]) == 0
+    captured = capsys.readouterr()
+    notes = [line for line in captured.err.splitlines() if line.startswith(("note:", "error:", "Traceback"))]
+    assert len(notes) == 1 and "--device cuda:0: CUDA is not available" in notes[0] and "CPU" in notes[0], notes
+    assert fid_score_gpu.main(argv + ["--device", "cpu"]) == 0
+    on_cpu = capsys.readouterr()
+    assert "note:" not in on_cpu.err and on_cpu.out == captured.out  # the same FID, computed on the CPU

@@ -7,12 +7,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 import yaml
-from tiny_maskgit import REPO, make_tiny_setup, one_line_error, random_transformer_checkpoint, write_masked_test_set
+from tiny_maskgit import (REPO, brush_masks, make_tiny_setup, one_line_error, random_transformer_checkpoint,
+                          write_masked_test_set)
 
 import inpainting
-from benchmarks.inpaint_throughput import brush_masks
+from sampler.visualize import TILE_PAD
 from utils.image import read_rgb
 
 N_TEST, T = 5, 4
@@ -49,7 +49,7 @@ def test_end_to_end_writes_the_lab_folders_and_prints_fid(lab, tmp_path, capsys)
     assert results == [f"image_{i:03d}.png" for i in range(N_TEST)]
     for folder in ("mask_scheduling", "imga"):
         assert sorted(p.name for p in (tmp_path / folder).iterdir()) == [f"test_{i}.png" for i in range(3)]
-    tile = 64 + 2 * inpainting.TILE_PAD
+    tile = 64 + 2 * TILE_PAD
     assert read_rgb(tmp_path / "imga" / "test_0.png", size=None).shape == (tile, (T + 1) * tile, 3)
     masks = read_rgb(tmp_path / "mask_scheduling" / "test_0.png", size=None)
     assert masks.shape == (tile, T * tile, 3)
@@ -75,7 +75,7 @@ def test_seed_sweet_spot_and_no_paste_back(lab, tmp_path, capsys):
     assert not all(np.array_equal(a, s) for a, s in zip(runs["a"], runs["s"]))
     assert not np.array_equal(runs["raw"][3], runs["a"][3])  # the raw decode of random weights is not the input
     strip = read_rgb(tmp_path / "s" / "mask_scheduling" / "test_0.png", size=None)
-    assert strip.shape[1] == 64 + 2 * inpainting.TILE_PAD  # one step ran
+    assert strip.shape[1] == 64 + 2 * TILE_PAD  # one step ran
 
 
 @pytest.mark.parametrize("extra, message", [

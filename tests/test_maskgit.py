@@ -9,12 +9,12 @@ import torch.nn.functional as F
 import yaml
 from tiny_maskgit import TINY_TRANSFORMER, make_tiny_setup
 
+from models.schedules import gamma_func
 from models.Transformer import BidirectionalTransformer
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config, mask_tokens, masked_correct, mvtm_loss
-from sampler.schedules import gamma_func
 from utils.checkpoint import CheckpointError
 from utils.config import ConfigError
-from utils.image import normalize, read_rgb, uint8_to_tensor
+from utils.image import denormalize, normalize, read_rgb, uint8_to_tensor
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +98,17 @@ def test_maskgit_attributes_encode_decode_and_forward(tiny, maskgit):
     assert logits.shape == (2, 256, 33) and torch.equal(target, idx) and mask.shape == (2, 256)
     logits, target, mask = maskgit(idx)
     assert torch.equal(target, idx) and mask.any(1).all()
+
+
+def test_tokenize_and_detokenize_carry_the_normalization_split(tiny, maskgit):
+    files = sorted(tiny.train_dir.glob("*.png"))[:2]
+    x = torch.stack([uint8_to_tensor(read_rgb(f)) for f in files])  # [0, 1]
+    for split in ("train", "test"):
+        tokens = maskgit.tokenize(x, split)
+        assert torch.equal(tokens, maskgit.encode_to_z(normalize(x, split))[1])
+        assert torch.equal(maskgit.detokenize(tokens, split), denormalize(maskgit.decode_tokens(tokens).float(), split))
+    # the nearest code of every latent is the token the VQGAN assigns
+    assert torch.equal(maskgit.code_distances(normalize(x, "test")).argmin(-1), maskgit.tokenize(x, "test"))
 
 
 def test_transformer_checkpoint_loads_strictly(tiny, maskgit, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 import prepare_dataset
-from utils.data import read_gt_csv
+from utils.fid import read_csv_images as read_gt_csv
 from utils.image import HOLE_GRAY, read_rgb
 
 REPO = Path(__file__).resolve().parents[1]

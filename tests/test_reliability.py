@@ -23,17 +23,18 @@ import torch
 import yaml
 from PIL import Image
 from test_vqgan import TINY
-from tiny_maskgit import REPO, make_tiny_setup, random_transformer_checkpoint, write_images
+from tiny_maskgit import REPO, exit_code, make_tiny_setup, random_transformer_checkpoint, write_images
 
 import inpainting
 import prepare_dataset
 import training_transformer
 import training_vqgan
 from models.VQGAN import load_vqgan
+from training.token_cache import ensure_token_cache
 from utils.checkpoint import load_training_state, load_weights
+from utils.cli import EXIT_DIVERGED, TrainingStopped
 from utils.image import read_rgb, save_png
-from utils.token_cache import ensure_token_cache
-from utils.train_utils import EXIT_DIVERGED, TrainingStopped, check_finite_weights
+from utils.train_utils import check_finite_weights
 
 KILL_HOOK = '''"""python kill_hook.py KIND:N script.py ARGS...: run script.py; SIGKILL this process at a chosen point.
 save:N - in the middle of writing the N-th training state: half of its bytes are on disk, the rename never happens;
@@ -422,11 +423,7 @@ def inpaint(lab, tmp_path, capsys, *extra, images: Path | None = None, masks: Pa
             "--test-mask-path", str(masks or root / "mask64"), "--output-dir", str(tmp_path / "out"),
             "--total-iter", "2", "--no-fid", "--visualize", "1", *map(str, extra)]
     capsys.readouterr()
-    try:
-        inpainting.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
+    code = exit_code(inpainting.main, argv)
     return code, capsys.readouterr().err
 
 

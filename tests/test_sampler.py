@@ -6,13 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from tiny_maskgit import make_tiny_setup
+from tiny_maskgit import brush_masks, make_tiny_setup
 
-from benchmarks.inpaint_throughput import brush_masks, lab_way_inpaint
+from models.schedules import gamma_func
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config
+from sampler.lab_loop import lab_way_inpaint
 from sampler.latent_mask import latent_known_mask
 from sampler.maskgit_sampler import decode, inpaint, tokens_to_uint8
-from sampler.schedules import gamma_func
 from utils.image import denormalize, diffuse_fill, normalize, to_uint8, uint8_to_tensor
 
 T = 8

@@ -16,9 +16,9 @@ from tiny_maskgit import REPO, make_tiny_setup, write_images
 import training_transformer
 from models.VQGAN import VQGAN, load_vqgan
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config
+from training.token_cache import ensure_token_cache, load_token_cache
 from utils.checkpoint import TRAINING_STATE_TAG, load_training_state, load_weights
 from utils.data import ImageFolderDataset
-from utils.token_cache import ensure_token_cache, load_token_cache
 
 
 @pytest.fixture(scope="module")

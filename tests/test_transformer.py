@@ -18,7 +18,7 @@ from models.Transformer import BidirectionalTransformer, MultiHeadAttention
 from models.Transformer.attention import Dropout
 
 ROOT = Path(__file__).resolve().parents[1]
-LAB_TSV = Path("/work/shared/reference/transformer_state_dict_no_attention.tsv")
+LAB_TSV = ROOT / "tests" / "fixtures" / "transformer_state_dict_no_attention.tsv"  # the lab's layout, no attention
 SMALL = {"num_image_tokens": 256, "num_codebook_vectors": 1024, "dim": 64, "n_layers": 2, "hidden_dim": 128,
          "num_heads": 4}
 
@@ -117,6 +117,18 @@ def test_state_dict_layout_equals_lab(lab_model: BidirectionalTransformer) -> No
     assert attention == expected
     clone = BidirectionalTransformer(transformer_cfg("MaskGit.yml"))
     clone.load_state_dict(sd, strict=True)
+
+
+def test_weight_decay_only_on_weight_matrices(lab_model: BidirectionalTransformer) -> None:
+    """configure_optimizers: biases, LayerNorms and the [N, ids] output bias are not decayed, everything else is."""
+    opt = lab_model.configure_optimizers(1e-4, (0.9, 0.96), 0.045)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.045 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in lab_model.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} == {n for n, p in lab_model.named_parameters()
+                                                          if p.dim() == 1 or n == "bias"}
+    assert {"tok_emb.weight", "pos_emb", "blocks.0.Attention.qkv.weight"} <= {names[id(p)] for p in decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(lab_model.parameters()))
 
 
 def test_init_statistics(lab_model: BidirectionalTransformer) -> None:

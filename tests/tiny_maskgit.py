@@ -62,14 +62,35 @@ def make_tiny_setup(root: Path, n_train: int = 8, n_val: int = 4, seed: int = 0)
     return TinySetup(root, vq_config, vq_ckpt, maskgit_config, root / "train", root / "val")
 
 
-def one_line_error(main: Callable[[list[str]], None], argv: list[str], capsys: pytest.CaptureFixture) -> str:
+def exit_code(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """A script's main(argv) as the shell sees it: its return value, or the status argparse exits with."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def one_line_error(main: Callable[[list[str]], int], argv: list[str], capsys: pytest.CaptureFixture) -> str:
     """Run a script's main(argv), which must exit 2 with exactly one line on stderr; return that line."""
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main(argv)
+    code = exit_code(main, argv)
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert code == 2 and len(err.splitlines()) == 1, err
     return err
+
+
+def brush_masks(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """Free-form random-walk strokes covering about a quarter of the image: bool [n, 1, size, size], True = known."""
+    rng = np.random.default_rng(seed)
+    known = np.ones((n, size, size), dtype=bool)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        y, x = rng.uniform(0, size, 2)
+        while (~known[i]).mean() < 0.25:
+            y = np.clip(y + rng.normal(0, 4), 0, size - 1)
+            x = np.clip(x + rng.normal(0, 4), 0, size - 1)
+            known[i] &= (yy - y) ** 2 + (xx - x) ** 2 > 9
+    return torch.from_numpy(known)[:, None]
 
 
 def write_masked_test_set(data: Path, gt: np.ndarray, known: np.ndarray) -> None:

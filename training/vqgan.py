@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from models.VQGAN import VQGAN
 from models.VQGAN.discriminator import Discriminator
 from utils.checkpoint import load_state_dict_strict
+from utils.cli import UserError
 from utils.data import ImageFolderDataset
 from utils.image import denormalize, normalize, uint8_to_tensor
 from utils.precision import autocast, conv_memory_format, resolve_amp
-from utils.train_utils import UserError
 
 TRAIN_DEFAULTS = dict(batch_size=32, learning_rate=2e-4, betas=[0.5, 0.9], weight_decay=0.0, l1_weight=1.0,
                       l2_weight=1.0, disc_start=4000, disc_weight=0.1, disc_base_channels=64, dead_code_window=200)

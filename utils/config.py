@@ -1,4 +1,4 @@
-"""YAML config loading with one clear line for a missing file or key."""
+"""YAML config loading with one clear line for a missing file or key, and where the paths in a config point."""
 from __future__ import annotations
 
 import difflib
@@ -7,14 +7,26 @@ from typing import Any
 
 import yaml
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and the key."""
 
 
-def load_config(path: str | Path, required: dict[str, list[str]] | None = None) -> dict[str, Any]:
-    """Load a YAML file; `required` maps a section ('' = top level) to keys that must be present."""
+def resolve_path(path: str | Path) -> Path:
+    """Config paths are relative to the working directory, as in the lab; fall back to the repository root
+    so that scripts also work when started from elsewhere."""
     path = Path(path)
+    if path.is_absolute() or path.exists() or not (REPO_ROOT / path).exists():
+        return path
+    return REPO_ROOT / path
+
+
+def load_config(path: str | Path, required: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Load a YAML file (found as resolve_path finds it); `required` maps a section ('' = top level) to keys that
+    must be present."""
+    path = resolve_path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass an existing YAML file")
     try:

@@ -1,4 +1,4 @@
-"""Datasets of the lab layout (see prepare_dataset.py) and the lab's ground-truth csv.
+"""Datasets of the lab layout (see prepare_dataset.py), its masks, and the ground truth of a masked test set.
 
 Images are small (64x64), so every dataset decodes its whole folder once, at construction, into one
 uint8 array: ~90 MB for the 7k training images, and no PNG decoding in the training loop.
@@ -6,6 +6,7 @@ uint8 array: ~90 MB for the 7k training images, and no PNG decoding in the train
 from __future__ import annotations
 
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from utils.fid import read_csv_images
 from utils.image import HOLE_GRAY, IMAGE_SIZE, normalize, read_rgb, uint8_to_tensor
 from utils.masks import stroke_mask
 
@@ -144,22 +146,44 @@ def _read_mask(path: Path) -> np.ndarray:
     return m
 
 
-def read_gt_csv(path: str | Path) -> np.ndarray:
-    """Lab ground-truth csv (a header line, then one image per row) -> uint8 [N,64,64,3]."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: ground-truth csv not found; run prepare_dataset.py or pass --gtcsv-path")
-    try:
-        rows = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.float64, ndmin=2)
-    except ValueError as e:
-        raise ValueError(f"{path}: not a csv of numbers with {CSV_ROW} values per row ({e})") from e
-    if rows.size == 0:
-        raise ValueError(f"{path}: holds no images (only a header?)")
-    if rows.shape[1] != CSV_ROW:
-        raise ValueError(f"{path}: rows have {rows.shape[1]} values, expected {CSV_ROW} (64*64*3 in H,W,C order)")
-    if (rows != np.round(rows)).any() or rows.min() < 0 or rows.max() > 255:
-        raise ValueError(f"{path}: values must be integers in 0..255")
-    return rows.astype(np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3)
+def read_known_masks(folder: str | Path) -> np.ndarray:
+    """Every mask of a folder (sorted by name; 255 = known, 0 = hole) as bool [N,64,64], True = known pixel;
+    values in between count as known from 128 up, as in InpaintingTestSet."""
+    return np.stack([_read_mask(f) for f in _png_files(folder, "mask")]) >= 128
+
+
+def load_test_set(masked_dir: str | Path, mask_dir: str | Path) -> InpaintingTestSet:
+    """The lab's masked test set for the scripts: a missing folder is named by its flag, and the soft-mask warning
+    is printed as one line instead of Python's two."""
+    for flag, folder in (("--test-maskedimage-path", masked_dir), ("--test-mask-path", mask_dir)):
+        if not Path(folder).is_dir():
+            raise ValueError(f"{flag} {folder}: folder not found; prepare the dataset or pass the right folder")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset = InpaintingTestSet(masked_dir, mask_dir, split="test")
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return dataset
+
+
+def ground_truth_of(dataset: InpaintingTestSet, gt: str | Path | None, masked_dir: str | Path
+                      ) -> np.ndarray | None:
+    """uint8 [N,64,64,3] ground truth of `dataset`: `gt` (--gt: the lab's test_gt.csv or a folder of PNGs) when
+    given, else test_gt.csv or test_gt/ beside the masked-image folder (where prepare_dataset.py puts them), else
+    None. The csv is read by the FID tool's reader, the one reader of that format."""
+    if gt is not None and not Path(gt).exists():
+        raise ValueError(f"--gt {gt}: not found; pass test_gt.csv or a folder of images")
+    parent = Path(masked_dir).parent
+    path = Path(gt) if gt is not None else next(
+        (p for p in (parent / "test_gt.csv", parent / "test_gt") if p.exists()), None)
+    if path is None:
+        return None
+    images = _read_all(_png_files(path, "ground-truth"), "load ground truth") if path.is_dir() \
+        else read_csv_images(path)
+    if len(images) != len(dataset):
+        raise ValueError(f"{path}: {len(images)} ground-truth images for {len(dataset)} test images; "
+                         "pass the matching --gt")
+    return images
 
 
 def write_gt_csv(path: str | Path, images: np.ndarray) -> None:

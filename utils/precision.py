@@ -1,15 +1,14 @@
 """What runs fast on this device: bf16 autocast and channels_last only pay where the hardware has bf16 units.
 
 On a CPU with AMX or AVX512-BF16 a bf16 matmul runs several times faster than fp32, and 3x3 convolutions in
-channels_last 1.5-3x faster than in the default layout; on an AVX2-only CPU (e.g. an AMD EPYC without
-AVX512) bf16 is emulated and about 80x *slower* than fp32 (1.1 vs 86 GFLOP/s measured on one), and
-channels_last gains nothing. So 'auto' measures instead of assuming: a 256^3 matmul in both precisions, once
-per process and device type.
+channels_last 1.5-3x faster than in the default layout. On an AVX2-only CPU (this project's AMD EPYC) oneDNN has
+no bf16 kernels: a bf16 matmul is emulated at 1.1 GFLOP/s against 86 in fp32 (80x slower), and channels_last
+gains nothing (fp32 3x3 convs at 16-128 channels: 45-100 GFLOP/s in either layout). So every script's default
+precision is 'auto', decided here once.
 """
 from __future__ import annotations
 
 import functools
-import time
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -18,23 +17,16 @@ AMP_CHOICES = ["auto", "bf16", "none"]
 
 
 @functools.cache
-def bf16_is_fast(device_type: str) -> bool:
-    """True where bf16 compute beats fp32: CUDA with bf16 support, or a CPU on which a bf16 matmul is faster."""
+def _bf16_is_fast(device_type: str) -> bool:
     if device_type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device_type != "cpu":
-        return False
-    a = torch.randn(256, 256)
+    return device_type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
-    def seconds(dtype: torch.dtype) -> float:
-        x = a.to(dtype)
-        torch.mm(x, x)
-        t0 = time.perf_counter()
-        for _ in range(3):
-            torch.mm(x, x)
-        return time.perf_counter() - t0
 
-    return seconds(torch.bfloat16) < seconds(torch.float32)
+def bf16_is_fast(device: torch.device | str) -> bool:
+    """True where bf16 compute beats fp32: CUDA with native bf16, or a CPU with oneDNN bf16 kernels (AVX512-BF16,
+    AMX, ARM bf16)."""
+    return _bf16_is_fast(torch.device(device).type)
 
 
 def resolve_amp(amp: str, device: torch.device | str) -> str:
@@ -43,7 +35,7 @@ def resolve_amp(amp: str, device: torch.device | str) -> str:
         raise ValueError(f"amp {amp!r}: choose one of {AMP_CHOICES}")
     if amp != "auto":
         return amp
-    return "bf16" if bf16_is_fast(torch.device(device).type) else "none"
+    return "bf16" if bf16_is_fast(device) else "none"
 
 
 def autocast(device: torch.device | str, amp: str) -> AbstractContextManager:
@@ -56,4 +48,4 @@ def autocast(device: torch.device | str, amp: str) -> AbstractContextManager:
 
 def conv_memory_format(device: torch.device | str) -> torch.memory_format:
     """channels_last where the convolution kernels are tuned for it (bf16 hardware), the default layout elsewhere."""
-    return torch.channels_last if bf16_is_fast(torch.device(device).type) else torch.contiguous_format
+    return torch.channels_last if bf16_is_fast(device) else torch.contiguous_format

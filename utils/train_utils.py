@@ -1,7 +1,6 @@
-"""Helpers shared by the training scripts: errors and exit codes, seeding, AMP, LR schedule, EMA, DDP, signals.
+"""Helpers shared by the trainers: stopping on NaN, seeding, AMP, LR schedule, EMA, DDP, signals, logs.
 
-Exit codes of every training script: 0 done, 1 stopped by a non-finite loss or weights, 2 user error (bad flag,
-config, checkpoint or data; an output folder that cannot be written; a full disk), 130 interrupted.
+Errors and exit codes live in utils.cli; the names the stage-1 scripts import from here are re-exported.
 """
 from __future__ import annotations
 
@@ -21,25 +20,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from tqdm import tqdm
 
-from utils.checkpoint import CheckpointError, atomic_write
-from utils.config import ConfigError
-from utils.precision import autocast  # noqa: F401  (re-exported: the scripts import it from here)
-
-EXIT_DIVERGED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 2, 130
-
-
-class UserError(ValueError):
-    """Bad flags or inputs; the message is one line saying what to do."""
-
-
-class TrainingStopped(RuntimeError):
-    """Training ended early on purpose (interrupt, non-finite loss); carries the process exit code."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+from utils.checkpoint import atomic_write
+from utils.cli import EXIT_DIVERGED, USER_ERRORS, TrainingStopped, UserError, check_device
 
 
 def diverged(what: str, step: int, checkpoint: Path) -> TrainingStopped:
@@ -54,43 +37,6 @@ def check_finite_weights(module: nn.Module, step: int, checkpoint: Path) -> None
     """Before a save: a NaN/inf gradient can ruin the weights while the loss is still finite; never save those."""
     if not all(torch.isfinite(p).all() for p in module.parameters()):
         raise diverged("the weights became NaN/inf", step, checkpoint)
-
-
-# OSError: a folder that cannot be read or written, a full disk (utils.checkpoint.OutputError says what to do)
-USER_ERRORS = (UserError, ConfigError, CheckpointError, OSError)
-
-
-def close_progress_bars() -> None:
-    """Close the tqdm bars a failed loop left open, so that the error message that follows gets a line of its own."""
-    for bar in list(getattr(tqdm, "_instances", [])):
-        bar.close()
-
-
-def run_cli(fn: Callable[[], Any], debug: bool = False) -> int:
-    """Run a script's body and map its outcome to an exit code; tracebacks only with --debug.
-
-    Under torchrun only rank 0 prints the message (every rank exits with the same code).
-    """
-    def report(message: str) -> None:
-        close_progress_bars()
-        if os.environ.get("RANK", "0") == "0":
-            print(message, file=sys.stderr)
-    try:
-        fn()
-        return 0
-    except USER_ERRORS as e:
-        if debug:
-            raise
-        report(f"error: {e}")
-        return EXIT_USER_ERROR
-    except TrainingStopped as e:
-        report(str(e))
-        return e.exit_code
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        report("interrupted")
-        return EXIT_INTERRUPTED
 
 
 def seed_everything(seed: int) -> None:
@@ -160,9 +106,7 @@ def setup_distributed(device: str, timeout_minutes: int = 180) -> DistEnv:
     nccl on CUDA (each rank takes cuda:LOCAL_RANK), gloo on CPU. The long timeout covers rank 0 doing slow
     one-off work (building a cache on a CPU) while the others wait.
     """
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    dev = check_device(device)
     if "RANK" not in os.environ:
         if dev.type == "cuda":
             dev = torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)

@@ -65,6 +65,15 @@ class BidirectionalTransformer(nn.Module):
         h = self.Token_Prediction(self.blocks(h))
         return torch.matmul(h, self.tok_emb.weight.t()) + self.bias
 
+    def configure_optimizers(self, learning_rate: float, betas: tuple[float, float], weight_decay: float,
+                             device_type: str = "cpu") -> torch.optim.AdamW:
+        """AdamW with weight decay on the matrices only: biases, LayerNorms and the [N, ids] output bias (a
+        per-position prior, not a weight matrix) are not decayed (nanoGPT's rule). Fused kernels on CUDA."""
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in params if p.dim() >= 2 and n != "bias"], "weight_decay": weight_decay},
+                  {"params": [p for n, p in params if p.dim() < 2 or n == "bias"], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
 
 def _init_weights(module: nn.Module) -> None:
     """The lab's init: trunc_normal(0, 0.02) weights, zero biases, unit LayerNorm."""

@@ -1,7 +1,8 @@
 """Mask scheduling functions gamma: [0,1] -> [0,1], gamma(0)=1 (all masked), gamma(1)=0.
 
 Training draws r ~ U(0,1) and masks ceil(gamma(r) * N) tokens; decoding keeps
-ceil(gamma((t+1)/T) * N_masked) tokens masked after step t. This module is the only home of gamma.
+ceil(gamma((t+1)/T) * N_masked) tokens masked after step t. This module is the only home of gamma: MaskGit
+owns its schedule (MaskGit.gamma_func), and the sampler reads it from here, below itself.
 """
 from __future__ import annotations
 

@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from models.VQGAN import VQGAN
 from utils.checkpoint import atomic_save
+from utils.cli import UserError
 from utils.data import ImageFolderDataset
-from utils.train_utils import UserError
+from utils.precision import bf16_is_fast
 
 CACHE_FORMAT = "maskgit-token-cache-v1"
 BF16_MIN_AGREEMENT = 0.999  # bf16 encoding is used only if it gives the fp32 token on at least this fraction
@@ -100,8 +101,9 @@ def ensure_token_cache(vqgan: VQGAN, vq_ckpt_path: str | Path, train_dir: str | 
                        num_workers: int = 0, verbose: bool = True) -> bool:
     """(Re)build the cache file unless it exists with the same key; returns True when it was built.
 
-    precision: 'fp32', 'bf16', or 'auto' = bf16 if it matches fp32 on >= 99.9% of the tokens of the first
-    64 training images (measured at every build, printed and stored in the cache), else fp32.
+    precision: 'fp32', 'bf16', or 'auto' = bf16 if the device runs it fast (utils.precision.bf16_is_fast) and it
+    matches fp32 on >= 99.9% of the tokens of the first 64 training images (measured at every build, printed and
+    stored in the cache), else fp32.
     """
     datasets = {"train": _dataset(train_dir, "train"), "val": _dataset(val_dir, "val")}
     key = cache_key(datasets, vq_ckpt_path, precision)
@@ -116,7 +118,7 @@ def ensure_token_cache(vqgan: VQGAN, vq_ckpt_path: str | Path, train_dir: str | 
 
     vqgan = vqgan.to(device).eval()
     agreement = None
-    if precision == "fp32":
+    if precision == "fp32" or (precision == "auto" and not bf16_is_fast(device)):
         bf16 = False
     else:
         first = torch.stack([datasets["train"][i] for i in range(min(AGREEMENT_IMAGES, len(datasets["train"])))])

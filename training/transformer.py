@@ -1,0 +1,280 @@
+"""Stage-2 training steps: the run's settings, its token data, and a trainer that runs epochs, validates, saves
+and resumes exactly.
+
+training_transformer.py strings these together; a GPU campaign or a benchmark can use the same pieces. Every
+rank of a torchrun job runs the same code: each draws its own masks and dropout, gradients are averaged by DDP,
+and rank 0 alone writes files. A training state holds everything a resume needs (weights, EMA, optimizer,
+schedule, position in the epoch, every rank's RNG), so a resumed run ends with the weights of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from models.Transformer import BidirectionalTransformer
+from models.VQGAN_Transformer import MaskGit, masked_correct
+from training.token_cache import load_token_cache
+from utils.checkpoint import TRAINING_STATE_TAG, atomic_save, load_state_dict_strict, rng_state, set_rng_state
+from utils.cli import EXIT_INTERRUPTED, TrainingStopped, UserError
+from utils.config import ConfigError, load_config
+from utils.precision import autocast
+from utils.train_utils import (EMA, CSVLog, DistEnv, GracefulInterrupt, all_gather_object, all_reduce_sum,
+                               check_finite_weights, diverged, warmup_cosine)
+
+LOG_FIELDS = ["epoch", "step", "train_loss", "val_loss", "val_acc", "lr", "seconds"]
+# flags that shape the sequence of batches; --resume refuses to continue a run with different values
+RUN_SHAPE_FLAGS = ["batch_size", "accum_grad", "partial", "seed", "start_from_epoch"]
+# the recipe for the lab-size transformer; a config's optional train_param section replaces it for the model it
+# sizes (configs/MaskGit_small.yml: what a CPU finishes), and flags replace both
+TRAIN_DEFAULTS: dict[str, int | float] = {"epochs": 100, "batch_size": 32, "learning_rate": 1e-4, "warmup_steps": 1000}
+VAL_MASK_SEED = 1234  # validation masks are drawn once, so val numbers compare across epochs and runs
+
+
+def train_defaults(config_path: str | Path) -> dict[str, int | float]:
+    """TRAIN_DEFAULTS, updated by the config's train_param section; a misspelled or mistyped key is refused."""
+    section = load_config(config_path).get("train_param") or {}
+    for key, value in section.items():
+        if key not in TRAIN_DEFAULTS:
+            raise ConfigError(f"{config_path}: train_param.{key} is not a setting of training_transformer.py; "
+                              f"use {', '.join(TRAIN_DEFAULTS)}")
+        number = (int, float) if key == "learning_rate" else int
+        if isinstance(value, bool) or not isinstance(value, number):
+            raise ConfigError(f"{config_path}: train_param.{key} is {value!r}; it must be a number"
+                              f"{'' if key == 'learning_rate' else ' without decimals'}")
+    return {**TRAIN_DEFAULTS, **section}
+
+
+def check_resume(state: dict[str, Any], args: argparse.Namespace, world_size: int) -> None:
+    """Refuse to continue a saved run with flags that would change its sequence of batches. A run started with
+    --start-from-epoch N resumes with --resume alone: N is taken from the saved state."""
+    if not args.start_from_epoch:
+        args.start_from_epoch = state["args"]["start_from_epoch"]
+    for flag in RUN_SHAPE_FLAGS:
+        if state["args"][flag] != getattr(args, flag):
+            raise UserError(f"--resume: --{flag.replace('_', '-')} was {state['args'][flag]} in the saved run, "
+                            f"now {getattr(args, flag)}; pass the same value")
+    if state["world_size"] != world_size:
+        raise UserError(f"--resume: the saved run used {state['world_size']} processes, now {world_size}")
+
+
+@dataclass
+class TokenData:
+    """What training reads, on the training device: the training sequences (a fixed --partial subset, and the
+    flipped copy of each) and the validation tokens with their fixed masks."""
+    train: torch.Tensor
+    val_target: torch.Tensor
+    val_corrupted: torch.Tensor
+    val_mask: torch.Tensor
+
+    @classmethod
+    def from_cache(cls, cache_path: str | Path, maskgit: MaskGit, partial: float, seed: int,
+                   device: torch.device) -> "TokenData":
+        cache = load_token_cache(cache_path)
+        subset = torch.randperm(len(cache.train), generator=torch.Generator().manual_seed(seed))
+        subset = subset[:max(1, round(partial * len(cache.train)))]
+        train = torch.cat([cache.train[subset], cache.train_flip[subset]]).to(device)
+        corrupted, mask = maskgit.mask_tokens(cache.val.long(), torch.Generator().manual_seed(VAL_MASK_SEED))
+        return cls(train, *(t.to(device) for t in (cache.val, corrupted, mask)))
+
+
+@torch.no_grad()
+def validate(model: BidirectionalTransformer, data: TokenData, batch_size: int, env: DistEnv,
+             amp: str) -> tuple[float, float]:
+    """(cross-entropy without label smoothing, accuracy) over the masked val tokens, split over the ranks."""
+    model.eval()
+    loss_sum = correct = count = 0.0
+    for i in range(env.rank * batch_size, len(data.val_target), env.world_size * batch_size):
+        t, m = data.val_target[i:i + batch_size].long(), data.val_mask[i:i + batch_size]
+        with autocast(env.device, amp):
+            logits = model(data.val_corrupted[i:i + batch_size].long())
+        c, n = masked_correct(logits, t, m)
+        loss_sum += MaskGit.loss(logits, t, m).item() * n
+        correct, count = correct + c, count + n
+    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], env)
+    return loss_sum / count, correct / count
+
+
+def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+@dataclass
+class Progress:
+    """Where the run stands: completed epochs and optimizer steps, and the running loss of the current epoch."""
+    epoch: int
+    step: int = 0
+    step_in_epoch: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+
+
+class TransformerTrainer:
+    """MVTM training of `maskgit.transformer` on `data` with the flags of training_transformer.py (`args`).
+
+    Writes into `out`: transformer_{last,epoch_N}.pt (EMA weights, the lab's plain state_dicts),
+    transformer_raw_last.pt (raw weights) and training_state.pt (see save_state).
+    """
+
+    def __init__(self, maskgit: MaskGit, data: TokenData, args: argparse.Namespace, config: dict[str, Any],
+                 env: DistEnv, out: Path) -> None:
+        self.maskgit, self.data, self.args, self.config, self.env = maskgit, data, args, config, env
+        self.model = maskgit.transformer
+        self.state_path = out / "training_state.pt"
+        self.out = out
+        self.sampler = DistributedSampler(range(len(data.train)), num_replicas=env.world_size, rank=env.rank,
+                                          shuffle=True, seed=args.seed)
+        self.steps_per_epoch = len(self.sampler) // (args.batch_size * args.accum_grad)
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{len(data.train)} training sequences (with flips) are fewer than one optimizer step "
+                            f"needs (--batch-size x --accum-grad x processes); lower them or raise --partial")
+        self.total_steps = (args.epochs - args.start_from_epoch) * self.steps_per_epoch
+        self.optimizer = self.model.configure_optimizers(args.learning_rate, tuple(args.betas), args.weight_decay,
+                                                         env.device.type)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           warmup_cosine(args.warmup_steps, self.total_steps))
+        cuda = env.device.type == "cuda"
+        self.ddp_model = DistributedDataParallel(self.model, device_ids=[env.device] if cuda else None) \
+            if env.distributed else self.model
+        self.forward_model = torch.compile(self.ddp_model) if args.compile else self.ddp_model  # saved: self.model
+        self.ema = EMA(self.model, args.ema_decay)
+        self.progress = Progress(args.start_from_epoch)
+
+    def summary(self) -> str:
+        a, env = self.args, self.env
+        return (f"transformer {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M params | "
+                f"{len(self.data.train)} train sequences (with flips), {len(self.data.val_target)} val | "
+                f"{env.world_size} process(es) x batch {a.batch_size} x accum {a.accum_grad} | "
+                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} total | device {env.device}, "
+                f"{'bf16' if a.amp == 'bf16' else 'fp32'}")
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue exactly where save_state left off (this rank's RNG included)."""
+        load_state_dict_strict(self.model, state["model"], source=str(self.state_path))
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress = Progress(state["epoch"], state["step"], state["step_in_epoch"], state["loss_sum"],
+                                 state["loss_count"])
+        set_rng_state(state["rng"][self.env.rank])
+
+    def save_state(self) -> None:
+        """training_state.pt: everything --resume needs, every rank's RNG included (a collective call)."""
+        check_finite_weights(self.model, self.progress.step, self.state_path)
+        rngs = all_gather_object(rng_state(), self.env)
+        if self.env.is_main:
+            p = self.progress
+            atomic_save({"format": TRAINING_STATE_TAG, "model": weights(self.model), "ema": self.ema.state_dict(),
+                         "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                         "epoch": p.epoch, "step": p.step, "step_in_epoch": p.step_in_epoch, "loss_sum": p.loss_sum,
+                         "loss_count": p.loss_count, "rng": rngs, "world_size": self.env.world_size,
+                         "args": vars(self.args), "config": self.config}, self.state_path)
+
+    def save_weights(self, tag: str, raw: bool) -> None:
+        """transformer_{tag}.pt (EMA weights) and, with `raw`, transformer_raw_{tag}.pt; never NaN weights."""
+        check_finite_weights(self.model, self.progress.step, self.state_path)
+        if self.env.is_main:
+            atomic_save(weights(self.ema.module), self.out / f"transformer_{tag}.pt")
+            if raw:
+                atomic_save(weights(self.model), self.out / f"transformer_raw_{tag}.pt")
+
+    def optimizer_step(self, order: torch.Tensor, interrupt: GracefulInterrupt) -> tuple[float, bool]:
+        """One optimizer step over --accum-grad micro-batches of the epoch order -> (loss averaged over ranks,
+        whether any rank was interrupted); a non-finite loss stops the run before the weights change."""
+        a, env = self.args, self.env
+        step_loss = torch.zeros((), device=env.device)
+        for micro in range(a.accum_grad):
+            first = (self.progress.step_in_epoch * a.accum_grad + micro) * a.batch_size
+            target = self.data.train[order[first:first + a.batch_size]].long()
+            corrupted, mask = self.maskgit.mask_tokens(target)
+            last_micro = micro == a.accum_grad - 1
+            with nullcontext() if last_micro or not env.distributed else self.ddp_model.no_sync():
+                with autocast(env.device, a.amp):
+                    logits = self.forward_model(corrupted)
+                loss = self.maskgit.loss(logits, target, mask, a.label_smoothing) / a.accum_grad
+                loss.backward()
+            step_loss += loss.detach()
+        # one collective per step: the mean loss and whether any rank was interrupted
+        total, interrupted = all_reduce_sum([step_loss.item(), float(interrupt.requested)], env)
+        mean_loss = total / env.world_size
+        if not math.isfinite(mean_loss):
+            raise diverged(f"the training loss is {mean_loss}", self.progress.step + 1, self.state_path)
+        if a.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+        p = self.progress
+        p.step += 1
+        p.step_in_epoch += 1
+        p.loss_sum += mean_loss
+        p.loss_count += 1
+        return mean_loss, bool(interrupted)
+
+    def stop_early(self, interrupted: bool, say: Callable[[str], None]) -> None:
+        """Save a state and the weights; an interrupt then ends the process (exit 130), --max-steps returns."""
+        self.save_state()
+        self.save_weights("last", raw=True)
+        if interrupted:
+            raise TrainingStopped(f"interrupted at step {self.progress.step} (epoch {self.progress.epoch + 1}): "
+                                  f"training state saved to {self.state_path}; continue with --resume",
+                                  EXIT_INTERRUPTED)
+        say(f"reached --max-steps {self.args.max_steps}: state saved to {self.state_path}; continue with --resume")
+
+    def train_one_epoch(self, interrupt: GracefulInterrupt, say: Callable[[str], None]) -> bool:
+        """The rest of the current epoch, from its saved position; True when the run stopped early."""
+        a = self.args
+        self.sampler.set_epoch(self.progress.epoch)
+        order = torch.tensor(list(self.sampler), device=self.env.device)
+        self.model.train()
+        bar = tqdm(total=self.steps_per_epoch, initial=self.progress.step_in_epoch,
+                   desc=f"epoch {self.progress.epoch + 1}/{a.epochs}", disable=not self.env.is_main,
+                   dynamic_ncols=True, leave=False)
+        with bar:
+            while self.progress.step_in_epoch < self.steps_per_epoch:
+                loss, interrupted = self.optimizer_step(order, interrupt)
+                bar.update()
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+                if interrupted or self.progress.step == a.max_steps:
+                    bar.close()
+                    self.stop_early(interrupted, say)
+                    return True
+                if a.ckpt_interval and self.progress.step % a.ckpt_interval == 0:
+                    self.save_state()
+        return False
+
+    def end_epoch(self, log: CSVLog, started: float) -> str:
+        """Validate the EMA weights, save them, log the epoch and save a state; returns the epoch's summary."""
+        a, p = self.args, self.progress
+        val_loss, val_acc = validate(self.ema.module, self.data, a.batch_size, self.env, a.amp)
+        train_loss = p.loss_sum / max(1, p.loss_count)
+        self.progress = Progress(p.epoch + 1, p.step)
+        self.save_weights("last", raw=True)
+        if self.progress.epoch % a.save_per_epoch == 0:
+            self.save_weights(f"epoch_{self.progress.epoch}", raw=False)
+        if self.env.is_main:
+            log.write({"epoch": self.progress.epoch, "step": p.step, "train_loss": train_loss, "val_loss": val_loss,
+                       "val_acc": val_acc, "lr": self.scheduler.get_last_lr()[0], "seconds": time.time() - started})
+        self.save_state()
+        return (f"epoch {self.progress.epoch}: train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
+                f"val_acc {val_acc:.4f}  ({time.time() - started:.0f} s)")
+
+    def fit(self, log: CSVLog, say: Callable[[str], None]) -> tuple[BidirectionalTransformer, BidirectionalTransformer]:
+        """Epochs until --epochs (or --max-steps, or Ctrl-C: state saved); returns the raw and the EMA transformer."""
+        with GracefulInterrupt(verbose=self.env.is_main) as interrupt:
+            while self.progress.epoch < self.args.epochs:
+                started = time.time()
+                if self.train_one_epoch(interrupt, say):
+                    break
+                say(self.end_epoch(log, started))
+        return self.model, self.ema.module

@@ -18,6 +18,7 @@ import json
 import logging
 import socket
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -164,8 +165,7 @@ def create_app(engine: Engine, faces: FaceFolders, config_name: str = "") -> Fas
 
     @app.get("/api/info")
     def info() -> dict[str, Any]:
-        d = engine.defaults
-        return {"defaults": {k: getattr(d, k) for k in d.__dataclass_fields__}, "schedules": list(GAMMAS),
+        return {"defaults": asdict(engine.defaults), "schedules": list(GAMMAS),
                 "faces": faces.counts(), "max_steps": MAX_STEPS, "max_samples": MAX_SAMPLES,
                 "max_upload_bytes": MAX_UPLOAD_BYTES, "model": f"{config_name} on {engine.device}"}
 

@@ -234,6 +234,29 @@ def test_bad_requests_get_one_line_400s_and_the_server_lives_on(live):
     assert status == 200 and json.loads(answer)["faces"] == {"val": 2}
 
 
+def test_internal_errors_are_one_line_messages_too(live, monkeypatch):
+    import app
+
+    url, _ = live
+    body = run_request(synthetic_face(5), random_hole("box", np.random.default_rng(5)), {})
+
+    def fails_at_once(*args):
+        raise RuntimeError("boom")
+
+    def fails_midway(*args):
+        yield {"type": "start", "notes": []}
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(app, "inpaint_steps", fails_at_once)
+    status, answer = request(url + "/api/inpaint", body)
+    assert status == 500 and json.loads(answer)["error"] == "internal error (RuntimeError); see the server's console"
+    monkeypatch.setattr(app, "inpaint_steps", fails_midway)
+    status, answer = request(url + "/api/inpaint", body)
+    events = [json.loads(line) for line in answer.splitlines()]
+    assert status == 200 and events[-1] == {"type": "error",
+                                            "message": "internal error (RuntimeError); see the server's console"}
+
+
 def test_upload_over_http_answers_a_64x64_face_and_notes(live):
     url, _ = live
     status, answer = request(url + "/api/upload", png_bytes(Image.new("RGBA", (90, 70), (10, 20, 30, 128))),

@@ -12,7 +12,7 @@ Outputs (under --output-dir):
   decoding_figure.png   the first --figure-images test images decoded with every schedule (T = the largest
                         --total-iters): the latent mask and the image after every step
 Every setting re-seeds its generator with --seed, so a row does not depend on which rows ran before it.
---split val runs the study on the val images with stroke holes drawn from a fixed seed (VAL_MASK_SEED), the same
+--split val runs the study on the val images with stroke holes drawn from a fixed seed (utils.masks.val_holes), the same
 kind of masks as the test set's: choose the decoding there and keep the test split for the final table.
 Sweet spots: T (the full decode), a step s, or a fraction f of T written with a dot (step round(f*T), half up, >= 1).
 
@@ -51,6 +51,7 @@ from utils.cli import OneLineParser, check_device, run_cli
 from utils.data import ImageFolderDataset, InpaintingTestSet, ground_truth_of, load_test_set
 from utils.fid import compute_statistics, frechet_distance
 from utils.image import diffuse_fill, to_uint8, uint8_to_tensor
+from utils.masks import val_holes
 from utils.precision import bf16_is_fast
 
 FIELDS = ["method", "schedule", "T", "sweet_spot", "sweet_spot_flag", "decoding", "pixel_guidance", "seam_blend", "fid",
@@ -62,7 +63,6 @@ REFERENCES = {"telea": "OpenCV Telea (radius 3)", "oracle": "oracle: ground-trut
 REFERENCE_COLORS = {"telea": "k", "oracle": "C7", "oracle_blend": "C7", "masked_input": "C3", "diffusion_fill": "C5",
                     "fill_tokens": "C8"}
 TELEA_RADIUS = 3
-VAL_MASK_SEED = 12345  # the val study's holes; any fixed seed other than the test set's (prepare_dataset --seed 0)
 
 
 @dataclass(frozen=True)
@@ -412,9 +412,11 @@ def test_set(args: argparse.Namespace) -> tuple[InpaintingTestSet, np.ndarray]:
 
 
 def val_set(args: argparse.Namespace) -> tuple[InpaintingTestSet, np.ndarray]:
-    """The clean val images with stroke holes drawn from VAL_MASK_SEED; the clean images are the ground truth."""
+    """The clean val images with their fixed stroke holes (utils.masks.val_holes); the clean images are the ground
+    truth."""
     clean = ImageFolderDataset(args.val_d_path, split="val")
-    return InpaintingTestSet.with_stroke_masks(clean.images, [p.name for p in clean.paths], VAL_MASK_SEED), clean.images
+    holes = val_holes("stroke", len(clean.images))
+    return InpaintingTestSet.with_holes(clean.images, [p.name for p in clean.paths], holes), clean.images
 
 
 def reference_inpaint(method: str, model: MaskGit, gt: np.ndarray, masked: np.ndarray, known: np.ndarray,

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from models.VQGAN import load_vqgan_config
-from training.vqgan import TRAIN_DEFAULTS, VQGANTrainer, load_images, validate
+from training.vqgan import TRAIN_DEFAULTS, VQGANTrainer, load_images, random_hflip, validate
 from utils.checkpoint import (TRAINING_STATE_TAG, atomic_save, ensure_writable_dir, load_state_dict_strict, load_training_state,
                               load_weights, rng_state, set_rng_state)
 from utils.cli import EXIT_INTERRUPTED, TrainingStopped, UserError, run_cli
@@ -164,12 +164,6 @@ def run(args: argparse.Namespace) -> None:
             if out_of_time():
                 break
     print(f"done: {out / 'VQGAN.pt'} after {trainer.step} steps ({(time.time() - t_start) / 60:.1f} min)")
-
-
-def random_hflip(x: torch.Tensor) -> torch.Tensor:
-    """Each image mirrored left-right with probability 1/2 (cat faces are roughly symmetric)."""
-    flip = torch.rand(len(x), device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def main(argv: list[str] | None = None) -> int:

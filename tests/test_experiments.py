@@ -22,6 +22,7 @@ from models.VQGAN_Transformer import MaskGit, load_maskgit_config
 from sampler.visualize import TILE_PAD
 from utils.data import InpaintingTestSet
 from utils.image import save_png
+from utils.masks import val_holes
 
 N_TEST = 6
 SCHEDULES, TS, FLAGS, DECODINGS = ["cosine", "linear"], [1, 2], ["T", "0.5"], ["sample", "argmax"]
@@ -204,7 +205,7 @@ def test_val_split_and_the_decoding_additions_are_rows_of_their_own(lab, tmp_pat
     assert len({r["fid"] for r in rows[1:]}) == 4
     assert f"FID on {N_TEST} val images" in (out / "results.md").read_text()
     # the val holes are drawn from a fixed seed: the same masks every run, unlike the test set's
-    a = InpaintingTestSet.with_stroke_masks(gt, ["a"] * len(gt), experiments.VAL_MASK_SEED)
-    b = InpaintingTestSet.with_stroke_masks(gt, ["a"] * len(gt), experiments.VAL_MASK_SEED)
+    a = InpaintingTestSet.with_holes(gt, ["a"] * len(gt), val_holes("stroke", len(gt)))
+    b = InpaintingTestSet.with_holes(gt, ["a"] * len(gt), val_holes("stroke", len(gt)))
     assert np.array_equal(a.known, b.known) and 0.05 < (~a.known).mean() < 0.45
     assert np.array_equal(a.images[a.known], gt[a.known]) and (a.images[~a.known] == 128).all()

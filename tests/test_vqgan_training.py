@@ -73,6 +73,15 @@ def test_training_steps_lower_the_loss_and_switch_the_gan_on_at_disc_start():
     assert 0 < metrics["codebook_usage"] <= 1 and metrics["perplexity"] >= 1 and metrics["val_psnr"] > 5
 
 
+def test_start_gan_switches_the_gan_on_from_the_next_step():
+    """A run on a time budget decides when the GAN starts, not a step count."""
+    trainer = VQGANTrainer(TINY, {**TRAIN_PARAM, "disc_start": 10 ** 9}, torch.device("cpu"), amp="none")
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert "d_loss" not in trainer.train_step(x)
+    trainer.start_gan()
+    assert "d_loss" in trainer.train_step(x) and trainer.tp["disc_start"] == 1
+
+
 def test_a_trainer_state_restores_the_next_step_exactly():
     torch.manual_seed(0)
     x = torch.rand(4, 3, 64, 64) * 2 - 1

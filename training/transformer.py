@@ -12,9 +12,9 @@ import argparse
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -80,11 +80,23 @@ class TokenData:
     def from_cache(cls, cache_path: str | Path, maskgit: MaskGit, partial: float, seed: int,
                    device: torch.device) -> "TokenData":
         cache = load_token_cache(cache_path)
-        subset = torch.randperm(len(cache.train), generator=torch.Generator().manual_seed(seed))
-        subset = subset[:max(1, round(partial * len(cache.train)))]
-        train = torch.cat([cache.train[subset], cache.train_flip[subset]]).to(device)
-        corrupted, mask = maskgit.mask_tokens(cache.val.long(), torch.Generator().manual_seed(VAL_MASK_SEED))
-        return cls(train, *(t.to(device) for t in (cache.val, corrupted, mask)))
+        return cls.from_tokens(cache.train, cache.train_flip, cache.val, maskgit, partial, seed, device)
+
+    @classmethod
+    def from_tokens(cls, train: torch.Tensor, train_flip: torch.Tensor, val: torch.Tensor, maskgit: MaskGit,
+                    partial: float, seed: int, device: torch.device) -> "TokenData":
+        """Token ids of train, of its mirror images and of val (e.g. a token cache's, or tokens made in memory)."""
+        subset = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        subset = subset[:max(1, round(partial * len(train)))].to(train.device)
+        return replace(cls.for_validation(val, maskgit, device),
+                       train=torch.cat([train[subset], train_flip[subset]]).to(device))
+
+    @classmethod
+    def for_validation(cls, val: torch.Tensor, maskgit: MaskGit, device: torch.device) -> "TokenData":
+        """The val tokens with their fixed masks and no training sequences: to validate a trained transformer."""
+        corrupted, mask = maskgit.mask_tokens(val.long(), torch.Generator().manual_seed(VAL_MASK_SEED))
+        val, corrupted, mask = (t.to(device) for t in (val, corrupted, mask))
+        return cls(val[:0], val, corrupted, mask)
 
 
 @torch.no_grad()
@@ -126,7 +138,7 @@ class TransformerTrainer:
     """
 
     def __init__(self, maskgit: MaskGit, data: TokenData, args: argparse.Namespace, config: dict[str, Any],
-                 env: DistEnv, out: Path) -> None:
+                 env: DistEnv, out: Path, lr_factor: Callable[[int], float] | None = None) -> None:
         self.maskgit, self.data, self.args, self.config, self.env = maskgit, data, args, config, env
         self.model = maskgit.transformer
         self.state_path = out / "training_state.pt"
@@ -140,8 +152,9 @@ class TransformerTrainer:
         self.total_steps = (args.epochs - args.start_from_epoch) * self.steps_per_epoch
         self.optimizer = self.model.configure_optimizers(args.learning_rate, tuple(args.betas), args.weight_decay,
                                                          env.device.type)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           warmup_cosine(args.warmup_steps, self.total_steps))
+        # lr_factor(step) scales the peak rate; default: warm-up, then cosine to 0 over --epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor or warmup_cosine(args.warmup_steps, self.total_steps))
         cuda = env.device.type == "cuda"
         self.ddp_model = DistributedDataParallel(self.model, device_ids=[env.device] if cuda else None) \
             if env.distributed else self.model
@@ -231,12 +244,29 @@ class TransformerTrainer:
                                   EXIT_INTERRUPTED)
         say(f"reached --max-steps {self.args.max_steps}: state saved to {self.state_path}; continue with --resume")
 
+    def epoch_order(self) -> torch.Tensor:
+        """The order of the training sequences in the current epoch (this rank's share), in train mode."""
+        self.sampler.set_epoch(self.progress.epoch)
+        self.model.train()
+        return torch.tensor(list(self.sampler), device=self.env.device)
+
+    def steps_until(self, stop: Callable[[], bool], interrupt: GracefulInterrupt) -> Iterator[float]:
+        """Optimizer steps epoch after epoch until stop() or an interrupt, with no validation, logging or saving
+        between epochs: training on a wall-clock budget (the GPU campaign). Yields each step's loss."""
+        order = self.epoch_order()
+        while not stop():
+            if self.progress.step_in_epoch == self.steps_per_epoch:
+                self.progress = Progress(self.progress.epoch + 1, self.progress.step)
+                order = self.epoch_order()
+            loss, interrupted = self.optimizer_step(order, interrupt)
+            yield loss
+            if interrupted:
+                return
+
     def train_one_epoch(self, interrupt: GracefulInterrupt, say: Callable[[str], None]) -> bool:
         """The rest of the current epoch, from its saved position; True when the run stopped early."""
         a = self.args
-        self.sampler.set_epoch(self.progress.epoch)
-        order = torch.tensor(list(self.sampler), device=self.env.device)
-        self.model.train()
+        order = self.epoch_order()
         bar = tqdm(total=self.steps_per_epoch, initial=self.progress.step_in_epoch,
                    desc=f"epoch {self.progress.epoch + 1}/{a.epochs}", disable=not self.env.is_main,
                    dynamic_ncols=True, leave=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,7 +27,18 @@ def load_images(folder: str, split: str, device: torch.device) -> torch.Tensor:
         images = ImageFolderDataset(folder, split=split).images
     except ValueError as e:
         raise UserError(str(e)) from e
+    return images_to_device(images, split, device)
+
+
+def images_to_device(images: np.ndarray, split: str, device: torch.device) -> torch.Tensor:
+    """uint8 images [N,H,W,3] -> one normalized tensor on `device`, in the device's fast conv layout."""
     return normalize(uint8_to_tensor(images), split).to(device).contiguous(memory_format=conv_memory_format(device))
+
+
+def random_hflip(x: torch.Tensor) -> torch.Tensor:
+    """Each image mirrored left-right with probability 1/2 (cat faces are roughly symmetric)."""
+    flip = torch.rand(len(x), device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -89,6 +101,11 @@ class VQGANTrainer:
         """Start every code on an encoder output, so that no code is born dead."""
         z = self.model.encode_continuous(images).permute(0, 2, 3, 1).reshape(-1, self.model.latent_dim)
         self.model.codebook.restart_dead_codes(z, torch.ones(self.model.num_codebook_vectors, dtype=torch.bool))
+
+    def start_gan(self) -> None:
+        """Switch the GAN loss on from the next step: for a run on a time budget, which knows when but not at
+        which step."""
+        self.tp["disc_start"] = min(self.tp["disc_start"], self.step)
 
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
         """One generator step (and one discriminator step once the GAN is on) on a normalized batch; returns the

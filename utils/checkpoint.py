@@ -6,8 +6,10 @@ and *training state* (a dict tagged TRAINING_STATE_TAG holding model, optimizer,
 from __future__ import annotations
 
 import glob
+import io
 import os
 import random
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -17,6 +19,12 @@ import numpy as np
 import torch
 
 TRAINING_STATE_TAG = "maskgit-training-state-v1"
+SHARD_TAG = "maskgit-weight-shard-v1"
+SHARD_LIMIT = 16 * 2 ** 20  # the largest file the GPU machine returns
+_SHARD_NAME = "{prefix}-{index:02d}-of-{count:02d}.pt"
+# torch.save's bytes beyond the tensor data: the zip and pickle framing per shard, and per tensor its zip entry
+# (64-byte aligned) and pickled key; generous, since every shard's real size is checked before it is written
+_SHARD_FRAMING, _TENSOR_FRAMING = 64 * 1024, 1024
 
 
 class CheckpointError(ValueError):
@@ -190,3 +198,70 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def save_shards(state: dict[str, torch.Tensor], folder: str | Path, prefix: str,
+                max_bytes: int = SHARD_LIMIT) -> list[Path]:
+    """Write a state_dict as files PREFIX-II-of-NN.pt of at most `max_bytes` each (tensors kept whole, in order),
+    for a channel that carries only files up to a size (the GPU machine returns at most 16 MiB a file); an older
+    set of the same prefix is removed. load_shards joins them. Returns the paths written."""
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    room = max_bytes - _SHARD_FRAMING
+    used = 0
+    for key, value in state.items():
+        cost = value.nbytes + _TENSOR_FRAMING + 2 * len(key)
+        if cost > room:
+            raise ValueError(f"{key}: {value.nbytes} bytes, larger than a shard of {max_bytes} bytes")
+        if used + cost > room:
+            groups.append({})
+            used = 0
+        groups[-1][key] = value.detach().cpu().clone()  # a view would save its whole storage
+        used += cost
+    folder = Path(folder)
+    paths = [folder / _SHARD_NAME.format(prefix=prefix, index=i + 1, count=len(groups)) for i in range(len(groups))]
+    for i, (path, tensors) in enumerate(zip(paths, groups)):
+        data = _torch_bytes({"format": SHARD_TAG, "index": i + 1, "count": len(groups), "tensors": tensors})
+        if len(data) > max_bytes:  # the framing estimate was wrong: a bug, not a user error
+            raise RuntimeError(f"{path.name}: {len(data)} bytes exceed the shard limit {max_bytes}")
+        atomic_write(path, lambda f: f.write(data))
+    for old in _shard_files(folder, prefix):
+        if old not in paths:
+            old.unlink()
+    return paths
+
+
+def _shard_files(folder: Path, prefix: str) -> list[Path]:
+    pattern = re.compile(re.escape(prefix) + r"-\d+-of-\d+\.pt")
+    return sorted(p for p in folder.glob(f"{glob.escape(prefix)}-*-of-*.pt") if pattern.fullmatch(p.name))
+
+
+def load_shards(folder: str | Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The state_dict that save_shards wrote into `folder` under `prefix`, joined; a missing, foreign or damaged
+    shard raises CheckpointError naming it."""
+    folder = Path(folder)
+    files = _shard_files(folder, prefix)
+    if not files:
+        raise CheckpointError(f"{folder}: no weight shards {prefix}-II-of-NN.pt; pass the folder that holds them")
+    count = int(files[0].stem.rsplit("-of-", 1)[1])
+    expected = [folder / _SHARD_NAME.format(prefix=prefix, index=i + 1, count=count) for i in range(count)]
+    missing = [p.name for p in expected if p not in files]
+    if missing or len(files) != count:
+        raise CheckpointError(f"{folder}: shards of {prefix} are incomplete or mixed (missing: "
+                              f"{', '.join(missing) or 'none'}; found {len(files)} for {count}); copy the whole set")
+    state: dict[str, torch.Tensor] = {}
+    for i, path in enumerate(expected):
+        shard = _load(path)
+        if not (isinstance(shard, dict) and shard.get("format") == SHARD_TAG and shard.get("index") == i + 1
+                and shard.get("count") == count):
+            raise CheckpointError(f"{path}: not shard {i + 1} of {count} written by save_shards")
+        clash = state.keys() & shard["tensors"].keys()
+        if clash:
+            raise CheckpointError(f"{path}: tensor {sorted(clash)[0]} is also in an earlier shard")
+        state.update(shard["tensors"])
+    return state

@@ -18,7 +18,6 @@ from tqdm import tqdm
 
 from utils.fid import read_csv_images
 from utils.image import HOLE_GRAY, IMAGE_SIZE, normalize, read_rgb, uint8_to_tensor
-from utils.masks import stroke_mask
 
 CSV_ROW = IMAGE_SIZE * IMAGE_SIZE * 3  # one image per row: 64*64*3 uint8 values in H,W,C order
 
@@ -88,14 +87,14 @@ class InpaintingTestSet(Dataset):
         self.known = masks >= 128
 
     @classmethod
-    def with_stroke_masks(cls, images: np.ndarray, names: list[str], seed: int,
-                          split: str = "val") -> "InpaintingTestSet":
-        """Clean uint8 images [N,64,64,3] with stroke holes (utils.masks) drawn from `seed` and painted gray, as
-        prepare_dataset.py makes the test set: an inpainting set on val, to tune decoding without the test split."""
-        rng = np.random.default_rng(seed)
+    def with_holes(cls, images: np.ndarray, names: list[str], holes: np.ndarray,
+                   split: str = "val") -> "InpaintingTestSet":
+        """Clean uint8 images [N,64,64,3] with the holes bool [N,64,64] (True = hole; e.g. utils.masks.val_holes)
+        painted gray, as prepare_dataset.py makes the test set: an inpainting set on val, to tune decoding without
+        the test split."""
         self = cls.__new__(cls)
         self.split, self.names = split, list(names)
-        self.known = ~np.stack([stroke_mask(rng) for _ in range(len(images))])
+        self.known = ~holes
         self.images = np.where(self.known[..., None], images, np.uint8(HOLE_GRAY))
         return self
 

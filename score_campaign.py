@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"weights: {', '.join(str(p) for p in unpack_pair(folder, results, Path(args.unpack)))}")
     missing = [n for n in HOLE_SETS if n not in sets]
     note = f" (not returned: {', '.join(missing)})" if missing else ""
-    print(f"FID with {args.dims}-d Inception features{note}\n\n{TABLE_HEADER}\n" + "\n".join(rows))
-    print(f"\n{phase_table(results)}")
+    print(f"FID with {args.dims}-d Inception features{note}\n\n{TABLE_HEADER}\n" + "\n".join(rows) + "\n\n"
+          + phase_table(results))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,7 +94,8 @@ def smoke(archive, tmp_path_factory) -> tuple[Path, float]:
 
 def test_smoke_campaign_writes_every_file_and_key_within_the_return_limits(smoke, archive):
     out, seconds = smoke
-    assert seconds < 180, f"the smoke campaign took {seconds:.0f} s"
+    # about 45 s on an idle core (README); the bound only catches budgets that are ignored, not a loaded machine
+    assert seconds < 290, f"the smoke campaign took {seconds:.0f} s"
     results = json.loads((out / "results.json").read_text())
     assert set(results) == TOP_KEYS and list(results["phases"]) == PHASES
     for name, record in results["phases"].items():

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from app import FaceFolders, create_app, hole_string, listen, png_data_url, server  # noqa: E402
+from sampler.page_server import FaceFolders, create_app, hole_string, listen, png_data_url, server  # noqa: E402
 from sampler.interactive import inpaint_steps, load_engine  # noqa: E402
 from utils.image import read_rgb  # noqa: E402
 from utils.masks import stroke_mask  # noqa: E402

@@ -25,9 +25,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app import FaceFolders, create_app, hole_string, listen, png_data_url, server
+from sampler import page_server
 from sampler.interactive import (MAX_UPLOAD_BYTES, DecodeSettings, InputError, inpaint_steps, load_engine,
                                  random_hole, read_image)
+from sampler.page_server import FaceFolders, create_app, hole_string, listen, png_data_url, server
 from utils.image import save_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,7 +236,6 @@ def test_bad_requests_get_one_line_400s_and_the_server_lives_on(live):
 
 
 def test_internal_errors_are_one_line_messages_too(live, monkeypatch):
-    import app
 
     url, _ = live
     body = run_request(synthetic_face(5), random_hole("box", np.random.default_rng(5)), {})
@@ -247,10 +247,10 @@ def test_internal_errors_are_one_line_messages_too(live, monkeypatch):
         yield {"type": "start", "notes": []}
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(app, "inpaint_steps", fails_at_once)
+    monkeypatch.setattr(page_server, "inpaint_steps", fails_at_once)
     status, answer = request(url + "/api/inpaint", body)
     assert status == 500 and json.loads(answer)["error"] == "internal error (RuntimeError); see the server's console"
-    monkeypatch.setattr(app, "inpaint_steps", fails_midway)
+    monkeypatch.setattr(page_server, "inpaint_steps", fails_midway)
     status, answer = request(url + "/api/inpaint", body)
     events = [json.loads(line) for line in answer.splitlines()]
     assert status == 200 and events[-1] == {"type": "error",

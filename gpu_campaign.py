@@ -37,7 +37,7 @@ from utils.train_utils import GracefulInterrupt, seed_everything
 DEFAULTS = {
     "gpu": dict(vqgan_minutes=2.75, transformer_minutes=3.25, inpaint_minutes=0.4, first_files=None, test_size=747,
                 deadline_minutes=9.0),
-    "smoke": dict(vqgan_minutes=0.1, transformer_minutes=0.1, inpaint_minutes=0.2, first_files=200, test_size=16,
+    "smoke": dict(vqgan_minutes=0.25, transformer_minutes=0.1, inpaint_minutes=0.2, first_files=200, test_size=16,
                   deadline_minutes=None),
 }
 

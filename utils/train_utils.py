@@ -1,6 +1,6 @@
-"""Helpers shared by the trainers: stopping on NaN, seeding, AMP, LR schedule, EMA, DDP, signals, logs.
+"""Helpers shared by the trainers: stopping on NaN, seeding, LR schedule, EMA, DDP, signals, logs.
 
-Errors and exit codes live in utils.cli; the names the stage-1 scripts import from here are re-exported.
+Errors, exit codes and the device check live in utils.cli, precision decisions in utils.precision.
 """
 from __future__ import annotations
 

@@ -12,11 +12,15 @@ Outputs (under --output-dir):
   decoding_figure.png   the first --figure-images test images decoded with every schedule (T = the largest
                         --total-iters): the latent mask and the image after every step
 Every setting re-seeds its generator with --seed, so a row does not depend on which rows ran before it.
---split val runs the study on the val images with stroke holes drawn from a fixed seed (utils.masks.val_holes), the same
+--split val runs the study on the val images with stroke holes drawn from a fixed seed (utils.masks.fixed_holes), the same
 kind of masks as the test set's: choose the decoding there and keep the test split for the final table.
+--holes boxes replaces the strokes by one large axis-aligned box per image (16-36 px a side, from a fixed seed per
+split; on test, the prepared set's ground truth with those boxes): the large-hole benchmark, where a whole eye or
+nose can be missing and the transformer has to invent it.
 Sweet spots: T (the full decode), a step s, or a fraction f of T written with a dot (step round(f*T), half up, >= 1).
 
     python experiments.py --split val --output-dir experiments_val       # the shipped models (MaskGit_demo.yml)
+    python experiments.py --split val --holes boxes --output-dir experiments_val_boxes
     python experiments.py --only-references
     python experiments.py --MaskGitConfig configs/MaskGit_small.yml \
         --load-transformer-ckpt-path transformer_checkpoints/transformer_last.pt     # your own stage 2
@@ -51,11 +55,13 @@ from utils.cli import OneLineParser, check_device, run_cli
 from utils.data import ImageFolderDataset, InpaintingTestSet, ground_truth_of, load_test_set
 from utils.fid import compute_statistics, frechet_distance
 from utils.image import diffuse_fill, to_uint8, uint8_to_tensor
-from utils.masks import val_holes
+from utils.masks import fixed_holes
 from utils.precision import bf16_is_fast
 
 FIELDS = ["method", "schedule", "T", "sweet_spot", "sweet_spot_flag", "decoding", "pixel_guidance", "seam_blend", "fid",
-          "seconds", "images", "seed", "split"]
+          "seconds", "images", "seed", "split", "holes"]
+COLUMN_DEFAULTS = {"holes": "strokes"}  # columns added later: their value in a results.csv written before them
+HOLES = {"strokes": "stroke", "boxes": "box"}  # --holes -> utils.masks hole kind
 REFERENCES = {"telea": "OpenCV Telea (radius 3)", "oracle": "oracle: ground-truth tokens",
               "oracle_blend": "oracle + seam blend", "masked_input": "masked input as is",
               "diffusion_fill": "diffusion fill (no learning)",
@@ -89,11 +95,11 @@ class Setting:
         return dict(total_iter=self.total_iter, gamma_type=self.schedule, sweet_spot=self.sweet_spot,
                     argmax=self.decoding == "argmax", pixel_guidance=self.pixel_guidance, seam_blend=self.seam_blend)
 
-    def row(self, images: int, seed: int, split: str) -> dict[str, object]:
+    def row(self, images: int, seed: int, split: str, holes: str) -> dict[str, object]:
         """Its results.csv row, without fid and seconds."""
         return dict(method="maskgit", schedule=self.schedule, T=self.total_iter, sweet_spot=self.sweet_spot,
                     sweet_spot_flag=self.sweet_spot_flag, decoding=self.decoding, pixel_guidance=self.pixel_guidance,
-                    seam_blend=on_off(self.seam_blend), images=images, seed=seed, split=split)
+                    seam_blend=on_off(self.seam_blend), images=images, seed=seed, split=split, holes=holes)
 
     @property
     def label(self) -> str:
@@ -102,10 +108,10 @@ class Setting:
                 f"{' seam blend' if self.seam_blend else ''}")
 
 
-def reference_row(method: str, images: int, split: str) -> dict[str, object]:
+def reference_row(method: str, images: int, split: str, holes: str) -> dict[str, object]:
     """The results.csv row of a reference method, without fid and seconds: no decoding settings, no seed."""
     return dict(method=method, schedule="", T="", sweet_spot="", sweet_spot_flag="", decoding="", pixel_guidance="",
-                seam_blend="", images=images, seed="", split=split)
+                seam_blend="", images=images, seed="", split=split, holes=holes)
 
 
 def on_off(flag: bool) -> str:
@@ -155,6 +161,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32, help="images per transformer / VQGAN / Inception batch")
     p.add_argument("--split", choices=["test", "val"], default="test",
                    help="test: the prepared masked test set; val: --val_d_path with stroke holes (for tuning)")
+    p.add_argument("--holes", choices=list(HOLES), default="strokes",
+                   help="strokes: the test set's kind of holes (on test: its prepared masks); boxes: one large box per "
+                        "image, from a fixed seed per split")
     p.add_argument("--val_d_path", default="./cat_face/val/", help="clean val images, used with --split val")
     p.add_argument("--partial", type=float, default=1.0, help="fraction of the set to use (the first ones)")
     p.add_argument("--seed", type=int, default=0)
@@ -267,12 +276,23 @@ def row_key(row: dict[str, str]) -> tuple[str, ...]:
 
 
 def read_results(path: Path) -> list[dict[str, str]]:
+    """The rows of a results.csv, also one written before the COLUMN_DEFAULTS columns existed (filled in)."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames != FIELDS:
+        if reader.fieldnames != [k for k in FIELDS if k in (reader.fieldnames or []) or k not in COLUMN_DEFAULTS]:
             raise ValueError(f"{path}: not a results.csv of experiments.py (columns {reader.fieldnames}); "
                              "move it away or drop --resume")
-        return list(reader)
+        return [{**COLUMN_DEFAULTS, **row} for row in reader]
+
+
+def write_results(path: Path, rows: list[dict[str, str]]) -> None:
+    """Rewrite a results.csv with every column (an older one, before rows are appended to it), atomically."""
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
 
 
 def append_row(path: Path, row: dict[str, object]) -> None:
@@ -285,7 +305,7 @@ def append_row(path: Path, row: dict[str, object]) -> None:
         writer.writerow(row)
 
 
-def previous_rows(path: Path, resume: bool, images: int, seed: int, split: str
+def previous_rows(path: Path, resume: bool, images: int, seed: int, split: str, holes: str
                   ) -> dict[tuple[str, ...], dict[str, str]]:
     """The rows already measured when resuming; otherwise an old results.csv is replaced."""
     if not resume:
@@ -297,11 +317,13 @@ def previous_rows(path: Path, resume: bool, images: int, seed: int, split: str
         return {}
     rows = read_results(path)
     for row in rows:
-        if (row["images"] != str(images) or row["split"] != split
+        if (row["images"] != str(images) or row["split"] != split or row["holes"] != holes
                 or (row["method"] == "maskgit" and row["seed"] != str(seed))):
-            raise ValueError(f"{path}: rows were measured on {row['images']} {row['split']} images with seed "
-                             f"{row['seed'] or '-'}, this run uses {images} {split} images and seed {seed}; resume "
-                             "with the same --split, --partial and --seed, or drop --resume to start over")
+            raise ValueError(f"{path}: rows were measured on {row['images']} {row['split']} images with {row['holes']} "
+                             f"and seed {row['seed'] or '-'}, this run uses {images} {split} images with {holes} and "
+                             f"seed {seed}; resume with the same --split, --holes, --partial and --seed, or drop "
+                             "--resume to start over")
+    write_results(path, rows)
     return {row_key(row): row for row in rows}
 
 
@@ -315,8 +337,8 @@ def sorted_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 
 
 def write_markdown(rows: list[dict[str, str]], path: Path) -> str:
-    lines = [f"FID on {rows[0]['images']} {rows[0]['split']} images (lower is better); seconds: wall time of "
-             "inpainting the set.", "",
+    lines = [f"FID on {rows[0]['images']} {rows[0]['split']} images with {rows[0]['holes']} holes (lower is better); "
+             "seconds: wall time of inpainting the set.", "",
              "| schedule | T | sweet spot | decoding | pixel guidance | seam blend | FID | seconds |",
              "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: |"]
     for r in sorted_rows(rows):
@@ -361,7 +383,7 @@ def plot_fid_vs_t(rows: list[dict[str, str]], path: Path) -> None:
     ax.set_ylim(min(focus) - margin, max(focus) + margin)
     ax.set_xlabel("decoding steps T")
     ax.set_ylabel("FID (lower is better)")
-    ax.set_title(f"Inpainting FID on {rows[0]['images']} {rows[0]['split']} images")
+    ax.set_title(f"Inpainting FID on {rows[0]['images']} {rows[0]['split']} images, {rows[0]['holes']} holes")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
@@ -403,19 +425,22 @@ def save_mosaic(mosaic: np.ndarray, row_labels: list[str], col_labels: list[str]
 
 
 def test_set(args: argparse.Namespace) -> tuple[InpaintingTestSet, np.ndarray]:
-    """The prepared masked test images and their ground truth."""
+    """The prepared masked test images and their ground truth; with --holes boxes, the ground truth with the test
+    split's fixed box holes instead of the prepared masks."""
     dataset = load_test_set(args.test_maskedimage_path, args.test_mask_path)
     gt = ground_truth_of(dataset, args.gt, args.test_maskedimage_path)
     if gt is None:
         raise ValueError(f"no test_gt.csv or test_gt/ beside {args.test_maskedimage_path}; pass --gt")
+    if args.holes == "boxes":
+        dataset = InpaintingTestSet.with_holes(gt, dataset.names, fixed_holes("box", len(gt), "test"), split="test")
     return dataset, gt
 
 
 def val_set(args: argparse.Namespace) -> tuple[InpaintingTestSet, np.ndarray]:
-    """The clean val images with their fixed stroke holes (utils.masks.val_holes); the clean images are the ground
-    truth."""
+    """The clean val images with their fixed holes of the --holes kind (utils.masks.fixed_holes); the clean images
+    are the ground truth."""
     clean = ImageFolderDataset(args.val_d_path, split="val")
-    holes = val_holes("stroke", len(clean.images))
+    holes = fixed_holes(HOLES[args.holes], len(clean.images), "val")
     return InpaintingTestSet.with_holes(clean.images, [p.name for p in clean.paths], holes), clean.images
 
 
@@ -473,7 +498,7 @@ def run(args: argparse.Namespace) -> None:
         model.load_transformer_checkpoint(transformer_ckpt_path(cfg, args.load_transformer_ckpt_path))
 
     csv_path = out_dir / "results.csv"
-    done = previous_rows(csv_path, args.resume, n, args.seed, args.split)
+    done = previous_rows(csv_path, args.resume, n, args.seed, args.split, args.holes)
     references = [m for m in args.references if (m, "", "", "", "", "", "") not in done]
     settings = [] if args.only_references else [s for s in sweep(args) if s.key not in done]
     if done:
@@ -484,13 +509,13 @@ def run(args: argparse.Namespace) -> None:
         for method in references:
             result = measure(lambda: reference_inpaint(method, model, gt, masked, known, args.batch_size, device,
                                                        dataset.split),
-                             score, reference_row(method, n, args.split), csv_path)
+                             score, reference_row(method, n, args.split, args.holes), csv_path)
             bar.write(f"{REFERENCES[method]}: {result}")
             bar.update()
         for s in settings:
             result = measure(lambda: inpaint_set(model, loader, device, args.seed, split=dataset.split,
                                                  **s.inpaint_kwargs()),
-                             score, s.row(n, args.seed, args.split), csv_path)
+                             score, s.row(n, args.seed, args.split, args.holes), csv_path)
             bar.write(f"{s.label}: {result}")
             bar.update()
 

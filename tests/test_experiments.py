@@ -22,7 +22,7 @@ from models.VQGAN_Transformer import MaskGit, load_maskgit_config
 from sampler.visualize import TILE_PAD
 from utils.data import InpaintingTestSet
 from utils.image import save_png
-from utils.masks import val_holes
+from utils.masks import fixed_holes
 
 N_TEST = 6
 SCHEDULES, TS, FLAGS, DECODINGS = ["cosine", "linear"], [1, 2], ["T", "0.5"], ["sample", "argmax"]
@@ -205,7 +205,42 @@ def test_val_split_and_the_decoding_additions_are_rows_of_their_own(lab, tmp_pat
     assert len({r["fid"] for r in rows[1:]}) == 4
     assert f"FID on {N_TEST} val images" in (out / "results.md").read_text()
     # the val holes are drawn from a fixed seed: the same masks every run, unlike the test set's
-    a = InpaintingTestSet.with_holes(gt, ["a"] * len(gt), val_holes("stroke", len(gt)))
-    b = InpaintingTestSet.with_holes(gt, ["a"] * len(gt), val_holes("stroke", len(gt)))
+    a = InpaintingTestSet.with_holes(gt, ["a"] * len(gt), fixed_holes("stroke", len(gt)))
+    b = InpaintingTestSet.with_holes(gt, ["a"] * len(gt), fixed_holes("stroke", len(gt)))
     assert np.array_equal(a.known, b.known) and 0.05 < (~a.known).mean() < 0.45
     assert np.array_equal(a.images[a.known], gt[a.known]) and (a.images[~a.known] == 128).all()
+
+
+def test_box_holes_are_a_benchmark_of_their_own(lab, tmp_path, capsys):
+    """--holes boxes scores the test ground truth with the test split's fixed boxes (not the prepared strokes); its
+    rows say so, and resuming them with the other hole kind is refused."""
+    _, _, _, gt, known = lab
+    out = tmp_path / "boxes"
+    experiments.main(flags(lab, out, "--holes", "boxes", "--references", "masked_input", "oracle",
+                           "--mask-funcs", "cosine", "--total-iters", "2", "--decodings", "argmax"))
+    rows = read_csv(out / "results.csv")
+    assert [r["holes"] for r in rows] == ["boxes"] * 3
+    assert "with boxes holes" in (out / "results.md").read_text()
+    strokes = tmp_path / "strokes"
+    experiments.main(flags(lab, strokes, "--references", "masked_input"))
+    assert float(read_csv(strokes / "results.csv")[0]["fid"]) != float(rows[0]["fid"])
+    boxes = ~fixed_holes("box", len(gt), "test")
+    assert not np.array_equal(boxes, known)
+    dataset, _ = experiments.test_set(experiments.parse_args(flags(lab, out, "--holes", "boxes")))
+    assert np.array_equal(dataset.known, boxes) and np.array_equal(dataset.images[boxes], gt[boxes])
+    assert "--holes" in one_line_error(experiments.main, flags(lab, out, "--resume", "--holes", "strokes"), capsys)
+
+
+def test_resume_reads_a_results_csv_from_before_the_holes_column(lab, tmp_path):
+    experiments.main(flags(lab, tmp_path, "--references", "telea", "--only-references"))
+    path = tmp_path / "results.csv"
+    rows = read_csv(path)
+    old = [k for k in experiments.FIELDS if k != "holes"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, old, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    experiments.main(flags(lab, tmp_path, "--resume", "--references", "telea", "masked_input", "--only-references"))
+    resumed = read_csv(path)
+    assert [r["method"] for r in resumed] == ["telea", "masked_input"] and resumed[0]["fid"] == rows[0]["fid"]
+    assert all(r["holes"] == "strokes" for r in resumed)

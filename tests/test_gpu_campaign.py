@@ -29,7 +29,7 @@ from training.campaign import (HOLE_SETS, RESULTS_RESERVE, RETURN_FILE_BYTES, RE
                                load_fill, load_pair, save_fill)
 from training.campaign_report import campaign_dataset
 from utils.checkpoint import load_state_dict_strict
-from utils.masks import val_holes
+from utils.masks import fixed_holes
 from utils.train_utils import GracefulInterrupt
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +119,7 @@ def test_smoke_campaign_writes_every_file_and_key_within_the_return_limits(smoke
         assert p[f"inpaint_{name}"]["images"] == p[f"inpaint_{name}"]["of"] == len(images) == len(gt)
         assert np.array_equal(returned, holes) and holes.any()
         assert not np.array_equal(images, gt)  # the holes were filled, not copied from the ground truth
-    assert np.array_equal(hole_set(data, "val_box")[1], val_holes("box", len(data.val)))
+    assert np.array_equal(hole_set(data, "val_box")[1], fixed_holes("box", len(data.val)))
 
     vqgan_sd, transformer_sd = load_pair(out)  # the returned pair loads strictly into the smoke configs
     load_state_dict_strict(VQGAN(load_vqgan_config(REPO / "configs/VQGAN_smoke.yml")), vqgan_sd, "test")
@@ -231,7 +231,7 @@ def test_budget_schedule_warms_up_after_the_first_step_then_decays_to_zero(monke
 def test_fill_files_round_trip_and_stay_under_their_bound(tmp_path):
     rng = np.random.default_rng(0)
     gt = rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
-    holes = val_holes("stroke", 5)
+    holes = fixed_holes("stroke", 5)
     images = np.where(holes[..., None], rng.integers(0, 256, gt.shape, dtype=np.uint8), gt)
     save_fill(tmp_path / "s.npz", images, holes)
     back, back_holes = load_fill(tmp_path / "s.npz", gt)
@@ -248,10 +248,10 @@ def test_the_mid_pair_fits_60_mb_and_comes_back_beside_the_images():
     assert fp16_bytes <= 60e6
     # Campaign.return_weights' rule for the real sets (781 val, 747 test), the stroke share estimated from 100
     # masks plus a margin (drawing all 1,528 takes 18 s), the box share exact
-    stroke = val_holes("stroke", 100).mean() + 0.02
+    stroke = fixed_holes("stroke", 100).mean() + 0.02
     strokes = np.zeros((781 + 747, 64 * 64), bool)
     strokes[:, :round(stroke * 64 * 64)] = True
-    images = fill_bytes_bound(strokes) + fill_bytes_bound(val_holes("box", 781))
+    images = fill_bytes_bound(strokes) + fill_bytes_bound(fixed_holes("box", 781))
     assert fp16_bytes + images + RESULTS_RESERVE <= RETURN_TOTAL_BYTES
     assert fp16_bytes <= (RETURN_FILES - 1 - len(HOLE_SETS)) * RETURN_FILE_BYTES * 0.99
 

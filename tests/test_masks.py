@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from utils.masks import BOX_SIDE, VAL_HOLE_SEEDS, box_mask, stroke_mask, val_holes
+from utils.masks import BOX_SIDE, HOLE_SEEDS, box_mask, fixed_holes, stroke_mask
 
 
 def test_box_mask_is_one_rectangle_of_the_side_range_inside_the_image():
@@ -20,23 +20,31 @@ def test_box_mask_is_one_rectangle_of_the_side_range_inside_the_image():
     assert min(sides) == BOX_SIDE[0] and max(sides) == BOX_SIDE[1]
 
 
-def test_val_holes_are_fixed_by_the_seed_and_prefix_stable():
+def test_fixed_holes_are_fixed_by_the_seed_and_prefix_stable():
     for kind in ("stroke", "box"):
-        a, b = val_holes(kind, 6), val_holes(kind, 3)
+        a, b = fixed_holes(kind, 6), fixed_holes(kind, 3)
         assert a.shape == (6, 64, 64) and a.dtype == bool
-        assert np.array_equal(a[:3], b) and np.array_equal(a, val_holes(kind, 6))
+        assert np.array_equal(a[:3], b) and np.array_equal(a, fixed_holes(kind, 6))
         assert 0.05 < a.mean() < 0.45
-    assert not np.array_equal(val_holes("stroke", 2), val_holes("box", 2))
-    assert val_holes("box", 0).shape == (0, 64, 64)
+    assert not np.array_equal(fixed_holes("stroke", 2), fixed_holes("box", 2))
+    assert fixed_holes("box", 0).shape == (0, 64, 64)
+
+
+def test_test_split_boxes_are_their_own_and_test_strokes_are_not_drawn():
+    """The test split's box holes come from their own seed (not val's); its strokes are the prepared masks."""
+    assert not np.array_equal(fixed_holes("box", 4, "test"), fixed_holes("box", 4, "val"))
+    assert np.array_equal(fixed_holes("box", 4, "test"), fixed_holes("box", 4, "test"))
+    with pytest.raises(ValueError, match="prepared test set"):
+        fixed_holes("stroke", 2, "test")
 
 
 def test_val_stroke_holes_are_the_val_studys():
     """README's val study drew stroke_mask from default_rng(12345) image after image: the same holes."""
-    rng = np.random.default_rng(VAL_HOLE_SEEDS["stroke"])
-    assert VAL_HOLE_SEEDS["stroke"] == 12345
-    assert np.array_equal(val_holes("stroke", 4), np.stack([stroke_mask(rng) for _ in range(4)]))
+    rng = np.random.default_rng(HOLE_SEEDS["val", "stroke"])
+    assert HOLE_SEEDS["val", "stroke"] == 12345
+    assert np.array_equal(fixed_holes("stroke", 4), np.stack([stroke_mask(rng) for _ in range(4)]))
 
 
 def test_unknown_hole_kind_is_refused():
     with pytest.raises(ValueError, match="unknown hole kind 'circle'"):
-        val_holes("circle", 2)
+        fixed_holes("circle", 2)

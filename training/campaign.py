@@ -10,7 +10,7 @@ A lent GPU starts bare, runs one command for at most 10 minutes and returns at m
   pasted back exactly by the sampler, so the scorer rebuilds each image from the ground truth it holds;
 - the weights come back as 16 MiB shards (utils.checkpoint.save_shards) when they fit beside the images, in fp16,
   and the images are decoded with exactly those fp16 weights, so the returned pair reproduces them.
-The val holes are utils.masks.val_holes (the val study's strokes, and boxes); the test holes are the prepared
+The val holes are utils.masks.fixed_holes (the val study's strokes, and boxes); the test holes are the prepared
 test set's (utils.cat_faces). Nothing here needs the FID network, which cannot travel: score_campaign.py scores
 the returned folder on this side.
 """
@@ -46,7 +46,7 @@ from utils.cli import TrainingStopped
 from utils.config import resolve_path
 from utils.data import InpaintingTestSet
 from utils.image import uint8_to_tensor
-from utils.masks import val_holes
+from utils.masks import fixed_holes
 from utils.precision import conv_memory_format
 from utils.train_utils import DistEnv, GracefulInterrupt, warmup_cosine
 
@@ -488,7 +488,7 @@ def hole_set(data: CatFaces, name: str) -> tuple[np.ndarray, np.ndarray, str]:
     box holes, or the test images with the prepared test set's holes."""
     if name == "test":
         return data.test, data.test_holes, "test"
-    return data.val, val_holes(name.removeprefix("val_"), len(data.val)), "val"
+    return data.val, fixed_holes(name.removeprefix("val_"), len(data.val)), "val"
 
 
 def tokenize_images(maskgit: MaskGit, images: np.ndarray, split: str, batch_size: int) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """The hole masks of this project: free-form random-walk brush strokes (the test set's and the val study's) and
-axis-aligned boxes (a second val hole type, where a whole region is missing, not only thin strokes).
+axis-aligned boxes (a second hole type, where a whole region is missing, not only thin strokes).
 
-`val_holes` draws the val holes of one kind from a fixed seed, so every tool that scores on val (experiments.py
---split val, the GPU campaign and its scorer) sees the same holes."""
+`fixed_holes` draws the holes of one kind for a split from a fixed seed, so every tool that scores on them
+(experiments.py --split val / --holes boxes, the GPU campaign and its scorer) sees the same holes. The test split's
+stroke holes are not drawn here: they are the prepared test set's masks (prepare_dataset.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,9 +12,9 @@ from utils.image import IMAGE_SIZE
 
 HOLE_RATIO = (0.10, 0.40)  # target hole fraction per mask, drawn uniformly (lab sample: ~0.24)
 BOX_SIDE = (16, 36)  # box side lengths in pixels, each drawn uniformly (inclusive): 6-32 % of a 64x64 image
-# the val holes of each kind; any fixed seeds other than the test set's (prepare_dataset --seed 0). The stroke
-# seed is the one the val study in the README used.
-VAL_HOLE_SEEDS = {"stroke": 12345, "box": 23456}
+# the drawn holes of each (split, kind); any fixed seeds other than the test set's (prepare_dataset --seed 0). The
+# val stroke seed is the one the val study in the README used.
+HOLE_SEEDS = {("val", "stroke"): 12345, ("val", "box"): 23456, ("test", "box"): 34567}
 
 
 def _brush(r: int) -> np.ndarray:
@@ -68,12 +69,15 @@ def box_mask(rng: np.random.Generator, size: int = IMAGE_SIZE, side: tuple[int, 
 HOLE_KINDS = {"stroke": stroke_mask, "box": box_mask}
 
 
-def val_holes(kind: str, n: int, size: int = IMAGE_SIZE) -> np.ndarray:
-    """The holes (True = hole) of the first `n` val images for one kind of HOLE_KINDS, bool [n, size, size], drawn
-    from VAL_HOLE_SEEDS[kind]: the same holes on every machine and in every tool; image i's hole does not depend
-    on n."""
+def fixed_holes(kind: str, n: int, split: str = "val", size: int = IMAGE_SIZE) -> np.ndarray:
+    """The holes (True = hole) of the first `n` images of `split` for one kind of HOLE_KINDS, bool [n, size, size],
+    drawn from HOLE_SEEDS[split, kind]: the same holes on every machine and in every tool; image i's hole does not
+    depend on n."""
     if kind not in HOLE_KINDS:
         raise ValueError(f"unknown hole kind {kind!r}; choose one of {', '.join(HOLE_KINDS)}")
-    rng = np.random.default_rng(VAL_HOLE_SEEDS[kind])
+    if (split, kind) not in HOLE_SEEDS:
+        raise ValueError(f"no drawn {kind} holes for the {split} split (the test strokes are the prepared test set's "
+                         f"masks)")
+    rng = np.random.default_rng(HOLE_SEEDS[split, kind])
     draw = HOLE_KINDS[kind]
     return np.stack([draw(rng, size) for _ in range(n)]) if n else np.zeros((0, size, size), bool)

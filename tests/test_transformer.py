@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import yaml
 
-from models.Transformer import BidirectionalTransformer, MultiHeadAttention
+from models.Transformer import ADAMW_IMPLEMENTATIONS, BidirectionalTransformer, MultiHeadAttention
 from models.Transformer.attention import Dropout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +129,27 @@ def test_weight_decay_only_on_weight_matrices(lab_model: BidirectionalTransforme
                                                           if p.dim() == 1 or n == "bias"}
     assert {"tok_emb.weight", "pos_emb", "blocks.0.Attention.qkv.weight"} <= {names[id(p)] for p in decay["params"]}
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(lab_model.parameters()))
+
+
+def test_every_adamw_implementation_makes_the_same_step() -> None:
+    """The three AdamW code paths (the benchmark picks the fastest) apply the same update; others are refused."""
+    cfg = {"num_image_tokens": 16, "num_codebook_vectors": 8, "dim": 16, "n_layers": 1, "hidden_dim": 32,
+           "num_heads": 2, "dropout": 0.0}
+    tokens = torch.randint(0, 9, (4, 16), generator=torch.Generator().manual_seed(0))
+    after = {}
+    for impl in ADAMW_IMPLEMENTATIONS:
+        torch.manual_seed(0)
+        model = BidirectionalTransformer(cfg)
+        opt = model.configure_optimizers(1e-2, (0.9, 0.96), 0.045, implementation=impl)
+        for _ in range(2):
+            model(tokens).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+        after[impl] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    for impl in ADAMW_IMPLEMENTATIONS[1:]:
+        torch.testing.assert_close(after[impl], after[ADAMW_IMPLEMENTATIONS[0]], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="AdamW implementation 'sgd'"):
+        model.configure_optimizers(1e-2, (0.9, 0.96), 0.0, implementation="sgd")
 
 
 def test_init_statistics(lab_model: BidirectionalTransformer) -> None:

@@ -33,7 +33,7 @@ from models.Transformer import BidirectionalTransformer  # noqa: E402
 from models.VQGAN_Transformer import mvtm_loss  # noqa: E402
 from utils.cli import OneLineParser, run_cli  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.precision import bf16_is_fast  # noqa: E402
+from utils.precision import AMP_CHOICES, autocast, resolve_amp  # noqa: E402
 
 
 def matmul_flops_per_image(model: BidirectionalTransformer, cfg: dict) -> float:
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--iters", type=int, default=5, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps before timing")
-    parser.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="auto",
                         help="bf16 autocast or fp32 (auto: bf16 where the CPU has fast bf16 kernels, as the trainer)")
     args = parser.parse_args()
     if args.iters < 1 or args.batch_size < 1 or args.warmup < 0:
@@ -68,8 +68,9 @@ def main() -> None:
 def measure(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, required={"model_param": ["Transformer_param"]})["model_param"]["Transformer_param"]
 
-    bf16 = args.amp == "bf16" or (args.amp == "auto" and bf16_is_fast(torch.device("cpu")))
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    amp = resolve_amp(args.amp, "cpu")
+    precision = "bf16" if amp == "bf16" else "fp32"
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float32
     torch.manual_seed(0)
     model = BidirectionalTransformer(cfg).train()
     opt = model.configure_optimizers(1e-4, (0.9, 0.96), 0.045, "cpu")
@@ -79,7 +80,7 @@ def measure(args: argparse.Namespace) -> None:
     tokens = targets.masked_fill(masked, model.mask_token_id)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with autocast("cpu", amp):
             logits = model(tokens)
         loss = mvtm_loss(logits, targets, masked)
         opt.zero_grad(set_to_none=True)
@@ -103,9 +104,9 @@ def measure(args: argparse.Namespace) -> None:
     achieved = matmul_flops_per_image(model, cfg) * b / sec
     print(f"config {args.config}: dim {cfg['dim']}, layers {cfg['n_layers']}, tokens {n}, batch {b}, "
           f"threads {torch.get_num_threads()}, params {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M, "
-          f"{'bf16' if bf16 else 'fp32'}, CPU {torch.backends.cpu.get_cpu_capability()}")
+          f"{precision}, CPU {torch.backends.cpu.get_cpu_capability()}")
     print(f"step {sec:.3f} s   images/s {b / sec:.2f}   tokens/s {b * n / sec:.0f}")
-    print(f"achieved {achieved / 1e9:.1f} GFLOP/s   {'bf16' if bf16 else 'fp32'} matmul "
+    print(f"achieved {achieved / 1e9:.1f} GFLOP/s   {precision} matmul "
           f"[4096,{cfg['dim']}]x[{cfg['dim']},{4 * cfg['dim']}] "
           f"{peak / 1e9:.1f} GFLOP/s")
     print(f"mfu_vs_matmul {achieved / peak:.2f}")

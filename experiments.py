@@ -1,4 +1,5 @@
-"""The schedule study: inpainting FID for every mask schedule x T x sweet spot x decoding, with reference rows.
+"""The schedule study: inpainting FID for every mask schedule x T x sweet spot x decoding x ordering, with reference
+rows.
 
 Reference rows, measured on the same images: OpenCV Telea inpainting (radius 3), the oracle (the ground truth's
 own VQGAN tokens decoded, known pixels pasted back: the ceiling of this VQGAN), the same with the seam blend, the
@@ -7,8 +8,10 @@ transformer": the VQGAN tokens of the diffusion-filled image, decoded and seam-b
 give if the transformer had no say).
 Outputs (under --output-dir):
   results.csv           one row per setting, appended as soon as it is measured (--resume skips rows already there)
-  results.md            the same as a Markdown table: schedule, T, sweet spot, decoding, FID, seconds (of inpainting)
-  fid_vs_T.png          FID against T, one line per schedule and decoding (and sweet spot), references dotted
+  results.md            the same as a Markdown table: schedule, T, sweet spot, decoding, ordering, FID, seconds (of
+                        inpainting)
+  fid_vs_T.png          FID against T, one line per schedule, decoding and ordering (and sweet spot), references
+                        dotted
   decoding_figure.png   the first --figure-images test images decoded with every schedule (T = the largest
                         --total-iters): the latent mask and the image after every step
 Every setting re-seeds its generator with --seed, so a row does not depend on which rows ran before it.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import itertools
 import math
 import sys
@@ -46,7 +50,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from models.schedules import GAMMAS
-from models.VQGAN_Transformer import (DECODINGS, DEFAULT_TRANSFORMER_CKPT, MaskGit, decoding_choices,
+from models.VQGAN_Transformer import (DECODINGS, DEFAULT_TRANSFORMER_CKPT, ORDERINGS, MaskGit, decoding_choices,
                                       load_maskgit_config, transformer_ckpt_path)
 from sampler.maskgit_sampler import inpaint, tokens_to_uint8
 from sampler.visualize import step_tiles, strip
@@ -56,11 +60,12 @@ from utils.data import ImageFolderDataset, InpaintingTestSet, ground_truth_of, l
 from utils.fid import compute_statistics, frechet_distance
 from utils.image import diffuse_fill, to_uint8, uint8_to_tensor
 from utils.masks import fixed_holes
-from utils.precision import bf16_is_fast
+from utils.precision import resolve_amp
+from utils.train_utils import atomic_write_text
 
-FIELDS = ["method", "schedule", "T", "sweet_spot", "sweet_spot_flag", "decoding", "pixel_guidance", "seam_blend", "fid",
-          "seconds", "images", "seed", "split", "holes"]
-COLUMN_DEFAULTS = {"holes": "strokes"}  # columns added later: their value in a results.csv written before them
+FIELDS = ["method", "schedule", "T", "sweet_spot", "sweet_spot_flag", "decoding", "ordering", "pixel_guidance",
+          "seam_blend", "fid", "seconds", "images", "seed", "split", "holes"]
+LATER_FIELDS = ("ordering", "holes")  # added after the first results.csv files: read_results fills them in
 HOLES = {"strokes": "stroke", "boxes": "box"}  # --holes -> utils.masks hole kind
 REFERENCES = {"telea": "OpenCV Telea (radius 3)", "oracle": "oracle: ground-truth tokens",
               "oracle_blend": "oracle + seam blend", "masked_input": "masked input as is",
@@ -80,6 +85,7 @@ class Setting:
     decoding: str
     pixel_guidance: float = 0.0
     seam_blend: bool = False
+    ordering: str = "confidence"
 
     @property
     def sweet_spot(self) -> int:
@@ -87,31 +93,33 @@ class Setting:
 
     @property
     def key(self) -> tuple[str, ...]:
-        return ("maskgit", self.schedule, str(self.total_iter), self.sweet_spot_flag, self.decoding,
+        return ("maskgit", self.schedule, str(self.total_iter), self.sweet_spot_flag, self.decoding, self.ordering,
                 str(self.pixel_guidance), on_off(self.seam_blend))
 
     def inpaint_kwargs(self) -> dict[str, object]:
         """This setting as keyword arguments of sampler.maskgit_sampler.inpaint."""
         return dict(total_iter=self.total_iter, gamma_type=self.schedule, sweet_spot=self.sweet_spot,
-                    argmax=self.decoding == "argmax", pixel_guidance=self.pixel_guidance, seam_blend=self.seam_blend)
+                    argmax=self.decoding == "argmax", pixel_guidance=self.pixel_guidance, seam_blend=self.seam_blend,
+                    ordering=self.ordering)
 
     def row(self, images: int, seed: int, split: str, holes: str) -> dict[str, object]:
         """Its results.csv row, without fid and seconds."""
         return dict(method="maskgit", schedule=self.schedule, T=self.total_iter, sweet_spot=self.sweet_spot,
-                    sweet_spot_flag=self.sweet_spot_flag, decoding=self.decoding, pixel_guidance=self.pixel_guidance,
-                    seam_blend=on_off(self.seam_blend), images=images, seed=seed, split=split, holes=holes)
+                    sweet_spot_flag=self.sweet_spot_flag, decoding=self.decoding, ordering=self.ordering,
+                    pixel_guidance=self.pixel_guidance, seam_blend=on_off(self.seam_blend), images=images, seed=seed,
+                    split=split, holes=holes)
 
     @property
     def label(self) -> str:
         extra = "" if self.pixel_guidance == 0 else f" guidance {self.pixel_guidance:g}"
-        return (f"{self.schedule} T={self.total_iter} sweet spot {self.sweet_spot} {self.decoding}{extra}"
-                f"{' seam blend' if self.seam_blend else ''}")
+        return (f"{self.schedule} T={self.total_iter} sweet spot {self.sweet_spot} {self.decoding} {self.ordering}"
+                f"{extra}{' seam blend' if self.seam_blend else ''}")
 
 
 def reference_row(method: str, images: int, split: str, holes: str) -> dict[str, object]:
     """The results.csv row of a reference method, without fid and seconds: no decoding settings, no seed."""
-    return dict(method=method, schedule="", T="", sweet_spot="", sweet_spot_flag="", decoding="", pixel_guidance="",
-                seam_blend="", images=images, seed="", split=split, holes=holes)
+    return dict(method=method, schedule="", T="", sweet_spot="", sweet_spot_flag="", decoding="", ordering="",
+                pixel_guidance="", seam_blend="", images=images, seed="", split=split, holes=holes)
 
 
 def on_off(flag: bool) -> str:
@@ -149,6 +157,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--total-iters", nargs="+", type=int, default=[1, 2, 4, 8, 12], help="decoding steps T")
     p.add_argument("--sweet-spots", nargs="+", default=["T"], help="T, a step, or a fraction of T such as 0.5")
     p.add_argument("--decodings", nargs="+", choices=DECODINGS, default=list(DECODINGS))
+    p.add_argument("--orderings", nargs="+", choices=ORDERINGS, default=None,
+                   help="which masked tokens each step fixes (sampler docstring; default: the config's `ordering`, "
+                        "else confidence)")
     p.add_argument("--pixel-guidances", nargs="+", type=float, default=None,
                    help="pixel-guidance strengths (sampler docstring; default: the config's `pixel_guidance`, else 0)")
     p.add_argument("--seam-blends", nargs="+", choices=["on", "off"], default=None,
@@ -189,6 +200,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--pixel-guidances must all be >= 0, got {min(args.pixel_guidances)}")
     if args.seam_blends is not None:
         args.seam_blends = list(dict.fromkeys(args.seam_blends))
+    if args.orderings is not None:
+        args.orderings = list(dict.fromkeys(args.orderings))
     if min(args.total_iters) < 1:
         p.error(f"--total-iters must all be >= 1, got {min(args.total_iters)}")
     for flag in args.sweet_spots:
@@ -202,8 +215,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def sweep(args: argparse.Namespace) -> list[Setting]:
-    return [Setting(s, t, f, d, g, b == "on") for s, d, g, b, f, t in
-            itertools.product(args.mask_funcs, args.decodings, args.pixel_guidances, args.seam_blends,
+    return [Setting(s, t, f, d, g, b == "on", o) for s, d, o, g, b, f, t in
+            itertools.product(args.mask_funcs, args.decodings, args.orderings, args.pixel_guidances, args.seam_blends,
                               args.sweet_spots, args.total_iters)]
 
 
@@ -249,7 +262,7 @@ def inpaint_set(model: MaskGit, loader: DataLoader, device: torch.device, seed: 
     """MaskGIT-inpaint every image of `loader` (kwargs go to sampler.inpaint) -> uint8 [N, H, W, 3]."""
     generator = torch.Generator(device).manual_seed(seed)
     return np.concatenate([inpaint(model, images.to(device), known.to(device), generator=generator,
-                                   bf16=bf16_is_fast(device), **kwargs).images
+                                   amp=resolve_amp("auto", device), **kwargs).images
                            for images, known, _ in tqdm(loader, desc="inpainting", unit="batch", leave=False)])
 
 
@@ -271,28 +284,32 @@ class FIDScorer:
 
 
 def row_key(row: dict[str, str]) -> tuple[str, ...]:
-    return tuple(row[k] for k in ("method", "schedule", "T", "sweet_spot_flag", "decoding", "pixel_guidance",
-                                  "seam_blend"))
+    return tuple(row[k] for k in ("method", "schedule", "T", "sweet_spot_flag", "decoding", "ordering",
+                                  "pixel_guidance", "seam_blend"))
 
 
 def read_results(path: Path) -> list[dict[str, str]]:
-    """The rows of a results.csv, also one written before the COLUMN_DEFAULTS columns existed (filled in)."""
+    """The rows of a results.csv; one written before a LATER_FIELDS column existed reads as the confidence ordering
+    (MaskGIT rows) and stroke holes."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames != [k for k in FIELDS if k in (reader.fieldnames or []) or k not in COLUMN_DEFAULTS]:
+        if reader.fieldnames != [k for k in FIELDS if k in (reader.fieldnames or []) or k not in LATER_FIELDS]:
             raise ValueError(f"{path}: not a results.csv of experiments.py (columns {reader.fieldnames}); "
                              "move it away or drop --resume")
-        return [{**COLUMN_DEFAULTS, **row} for row in reader]
+        rows = list(reader)
+    for row in rows:
+        row.setdefault("ordering", "confidence" if row["method"] == "maskgit" else "")
+        row.setdefault("holes", "strokes")
+    return rows
 
 
 def write_results(path: Path, rows: list[dict[str, str]]) -> None:
-    """Rewrite a results.csv with every column (an older one, before rows are appended to it), atomically."""
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    """Rewrite results.csv with FIELDS as its columns (so that the rows appended next line up)."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(text.getvalue(), path)
 
 
 def append_row(path: Path, row: dict[str, object]) -> None:
@@ -328,10 +345,10 @@ def previous_rows(path: Path, resume: bool, images: int, seed: int, split: str, 
 
 
 def sorted_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """References first (in REFERENCES order), then MaskGIT rows by schedule, decoding, guidance, blend, sweet
-    spot and T."""
+    """References first (in REFERENCES order), then MaskGIT rows by schedule, decoding, ordering, guidance, blend,
+    sweet spot and T."""
     order = [*REFERENCES, "maskgit"]
-    return sorted(rows, key=lambda r: (order.index(r["method"]), r["schedule"], r["decoding"],
+    return sorted(rows, key=lambda r: (order.index(r["method"]), r["schedule"], r["decoding"], r["ordering"],
                                        float(r["pixel_guidance"] or 0), r["seam_blend"], r["sweet_spot_flag"],
                                        int(r["T"] or 0)))
 
@@ -339,12 +356,12 @@ def sorted_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 def write_markdown(rows: list[dict[str, str]], path: Path) -> str:
     lines = [f"FID on {rows[0]['images']} {rows[0]['split']} images with {rows[0]['holes']} holes (lower is better); "
              "seconds: wall time of inpainting the set.", "",
-             "| schedule | T | sweet spot | decoding | pixel guidance | seam blend | FID | seconds |",
-             "| --- | ---: | ---: | --- | ---: | --- | ---: | ---: |"]
+             "| schedule | T | sweet spot | decoding | ordering | pixel guidance | seam blend | FID | seconds |",
+             "| --- | ---: | ---: | --- | --- | ---: | --- | ---: | ---: |"]
     for r in sorted_rows(rows):
         name = REFERENCES.get(r["method"], r["schedule"])
         lines.append(f"| {name} | {r['T'] or '-'} | {r['sweet_spot'] or '-'} | {r['decoding'] or '-'} | "
-                     f"{r['pixel_guidance'] or '-'} | {r['seam_blend'] or '-'} | "
+                     f"{r['ordering'] or '-'} | {r['pixel_guidance'] or '-'} | {r['seam_blend'] or '-'} | "
                      f"{float(r['fid']):.2f} | {float(r['seconds']):.2f} |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
@@ -352,23 +369,26 @@ def write_markdown(rows: list[dict[str, str]], path: Path) -> str:
 
 
 def plot_fid_vs_t(rows: list[dict[str, str]], path: Path) -> None:
-    """One line per (schedule, decoding, guidance, blend, sweet spot): colour = schedule, dashes = argmax, marker =
-    sweet spot, thicker = pixel guidance or seam blend on; references as dotted horizontal lines."""
+    """One line per (schedule, decoding, ordering, guidance, blend, sweet spot): colour = schedule, dashes = argmax,
+    marker = sweet spot (hollow: halton ordering), thicker = pixel guidance or seam blend on; references as dotted
+    horizontal lines."""
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
     maskgit = [r for r in sorted_rows(rows) if r["method"] == "maskgit"]
     colors = {s: f"C{i}" for i, s in enumerate(dict.fromkeys(r["schedule"] for r in maskgit))}
     markers = dict(zip(dict.fromkeys(r["sweet_spot_flag"] for r in maskgit), itertools.cycle("os^vDP*X")))
-    for (schedule, decoding, guidance, blend, flag), group in itertools.groupby(
-            maskgit, key=lambda r: (r["schedule"], r["decoding"], r["pixel_guidance"], r["seam_blend"],
+    for (schedule, decoding, ordering, guidance, blend, flag), group in itertools.groupby(
+            maskgit, key=lambda r: (r["schedule"], r["decoding"], r["ordering"], r["pixel_guidance"], r["seam_blend"],
                                     r["sweet_spot_flag"])):
         group = list(group)
         improved = float(guidance) > 0 or blend == "on"
-        label = (f"{schedule}, {decoding}" + ("" if flag == "T" else f", sweet spot {flag}")
+        label = (f"{schedule}, {decoding}" + ("" if ordering == "confidence" else f", {ordering}")
+                 + ("" if flag == "T" else f", sweet spot {flag}")
                  + (f", guidance {float(guidance):g}" if float(guidance) > 0 else "")
                  + (", seam blend" if blend == "on" else ""))
         ax.plot([int(r["T"]) for r in group], [float(r["fid"]) for r in group], color=colors[schedule],
                 linestyle="--" if decoding == "argmax" else "-", marker=markers[flag], label=label,
+                markerfacecolor="none" if ordering == "halton" else None,
                 linewidth=2.5 if improved else 1.2)
     for r in sorted_rows(rows):
         if r["method"] in REFERENCES:
@@ -390,7 +410,7 @@ def plot_fid_vs_t(rows: list[dict[str, str]], path: Path) -> None:
 
 def decoding_mosaic(model: MaskGit, dataset: InpaintingTestSet, gt: np.ndarray, count: int, schedules: list[str],
                     total_iter: int, argmax: bool, seed: int, device: torch.device, pixel_guidance: float = 0.0,
-                    seam_blend: bool = False) -> tuple[np.ndarray, list[str], list[str]]:
+                    seam_blend: bool = False, ordering: str = "confidence") -> tuple[np.ndarray, list[str], list[str]]:
     """uint8 mosaic with one row per (test image, schedule), image-major: the masked input, then the latent mask
     (white = known) and the decoded image after each of the T steps, then the ground truth. Returns it with its
     row and column labels."""
@@ -400,8 +420,8 @@ def decoding_mosaic(model: MaskGit, dataset: InpaintingTestSet, gt: np.ndarray, 
     for schedule in schedules:
         generator = torch.Generator(device).manual_seed(seed)
         result = inpaint(model, images, known, split=dataset.split, total_iter=total_iter, gamma_type=schedule,
-                         argmax=argmax, generator=generator, bf16=bf16_is_fast(device), keep_steps=True,
-                         pixel_guidance=pixel_guidance, seam_blend=seam_blend)
+                         argmax=argmax, generator=generator, amp=resolve_amp("auto", device), keep_steps=True,
+                         pixel_guidance=pixel_guidance, seam_blend=seam_blend, ordering=ordering)
         masks, steps = step_tiles(model, result, list(range(count)), known, paste_back=True)
         for i in range(count):
             interleaved = np.stack([masks[i], steps[i]], axis=1).reshape(-1, *steps.shape[2:])
@@ -470,13 +490,15 @@ def measure(make: Callable[[], np.ndarray], score: FIDScorer, row: dict[str, obj
 
 def save_decoding_figure(args: argparse.Namespace, model: MaskGit, dataset: InpaintingTestSet, gt: np.ndarray,
                          count: int, device: torch.device, path: Path) -> None:
-    """decoding_figure.png: every schedule at the largest T, with the first decoding, guidance and blend asked."""
+    """decoding_figure.png: every schedule at the largest T, with the first decoding, ordering, guidance and blend
+    asked."""
     total_iter = max(args.total_iters)
     mosaic, row_labels, col_labels = decoding_mosaic(
         model, dataset, gt, count, args.mask_funcs, total_iter, args.decodings[0] == "argmax", args.seed, device,
-        args.pixel_guidances[0], args.seam_blends[0] == "on")
+        args.pixel_guidances[0], args.seam_blends[0] == "on", args.orderings[0])
     save_mosaic(mosaic, row_labels, col_labels, path, f"iterative decoding, T={total_iter}, {args.decodings[0]}, "
-                f"pixel guidance {args.pixel_guidances[0]:g}, seam blend {args.seam_blends[0]}")
+                f"{args.orderings[0]} ordering, pixel guidance {args.pixel_guidances[0]:g}, seam blend "
+                f"{args.seam_blends[0]}")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -493,13 +515,15 @@ def run(args: argparse.Namespace) -> None:
         args.pixel_guidances = [defaults["pixel_guidance"]]
     if args.seam_blends is None:
         args.seam_blends = [on_off(defaults["seam_blend"])]
+    if args.orderings is None:
+        args.orderings = [defaults["ordering"]]
     model = MaskGit(cfg).to(device).eval()
     if not args.only_references:
         model.load_transformer_checkpoint(transformer_ckpt_path(cfg, args.load_transformer_ckpt_path))
 
     csv_path = out_dir / "results.csv"
     done = previous_rows(csv_path, args.resume, n, args.seed, args.split, args.holes)
-    references = [m for m in args.references if (m, "", "", "", "", "", "") not in done]
+    references = [m for m in args.references if row_key(reference_row(m, n, args.split, args.holes)) not in done]
     settings = [] if args.only_references else [s for s in sweep(args) if s.key not in done]
     if done:
         print(f"resuming {csv_path}: {len(done)} rows already measured", file=sys.stderr)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from models.schedules import GAMMAS
-from models.VQGAN_Transformer import (DECODINGS, DEFAULT_TRANSFORMER_CKPT, MaskGit, decoding_choices,
+from models.VQGAN_Transformer import (DECODINGS, DEFAULT_TRANSFORMER_CKPT, ORDERINGS, MaskGit, decoding_choices,
                                       load_maskgit_config, transformer_ckpt_path)
 from sampler.maskgit_sampler import InpaintOutput, inpaint
 from sampler.visualize import step_tiles, strip
@@ -31,7 +31,7 @@ from utils.checkpoint import ensure_writable_dir
 from utils.cli import OneLineParser, check_device, run_cli
 from utils.data import ground_truth_of, load_test_set
 from utils.image import save_png
-from utils.precision import bf16_is_fast
+from utils.precision import resolve_amp
 
 DEFAULT_CONFIG = "configs/MaskGit_demo.yml"  # the shipped models and the decoding chosen on val (README)
 RESULT_NAME = "image_{:03d}.png"  # test_results/ file of test image i, the lab's name
@@ -58,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoding", choices=DECODINGS, default=None,
                    help="sample each token or take the most likely one (default: the config's `decoding`, else sample)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the token distribution")
+    p.add_argument("--ordering", choices=ORDERINGS, default=None,
+                   help="which masked tokens each step fixes: the most confident or the next in a Halton order of "
+                        "the grid (sampler docstring; default: the config's `ordering`, else confidence)")
     p.add_argument("--choice-temperature", type=float, default=None,
                    help="Gumbel noise scale of the confidence ranking (default: the config's, 4.5 in the lab)")
     p.add_argument("--pixel-guidance", type=float, default=None,
@@ -129,8 +132,9 @@ def inpaint_test_set(args: argparse.Namespace, model: MaskGit, dataset: Dataset,
         result = inpaint(model, images, known, paste_back=not args.no_paste_back, total_iter=args.total_iter,
                          gamma_type=args.mask_func, sweet_spot=args.sweet_spot, temperature=args.temperature,
                          choice_temperature=args.choice_temperature, argmax=settings["decoding"] == "argmax",
-                         generator=generator, bf16=not args.fp32 and bf16_is_fast(device), keep_steps=bool(rows),
-                         pixel_guidance=settings["pixel_guidance"], seam_blend=settings["seam_blend"])
+                         generator=generator, amp="none" if args.fp32 else resolve_amp("auto", device),
+                         keep_steps=bool(rows), pixel_guidance=settings["pixel_guidance"],
+                         seam_blend=settings["seam_blend"], ordering=settings["ordering"])
         for r, i in enumerate(index):
             save_png(result.images[r], out_dir / "test_results" / RESULT_NAME.format(i))
         if rows:

@@ -38,7 +38,7 @@ from utils.cli import OneLineParser  # noqa: E402
 from utils.config import resolve_path  # noqa: E402
 from utils.data import read_known_masks  # noqa: E402
 from utils.masks import stroke_mask  # noqa: E402
-from utils.precision import bf16_is_fast  # noqa: E402
+from utils.precision import AMP_CHOICES, autocast, resolve_amp  # noqa: E402
 
 
 def test_masks(mask_dir: Path, n: int) -> torch.Tensor:
@@ -79,18 +79,18 @@ def build_model(config: str, tmp: Path, device: str) -> MaskGit:
     return MaskGit(cfg).to(device).eval()
 
 
-def time_per_image(model: MaskGit, batch_size: int, device: str, bf16: bool) -> dict[str, float]:
+def time_per_image(model: MaskGit, batch_size: int, device: str, amp: str) -> dict[str, float]:
     """Seconds per image of the pieces both ways are made of, on random tokens."""
     n = model.num_image_tokens
     one = torch.randint(0, model.mask_token_id, (1, n), device=device)
     batch = torch.randint(0, model.mask_token_id, (batch_size, n), device=device)
     with torch.inference_mode():
         fp32 = seconds_per_call(lambda: model.transformer(one), device)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast(device, amp):
             batched = seconds_per_call(lambda: model.transformer(batch), device) / batch_size
         decode_one = seconds_per_call(lambda: model.decode_tokens(one), device)
         decode_batch = seconds_per_call(lambda: model.decode_tokens(batch), device) / batch_size
-    return {"forward fp32 batch 1": fp32, f"forward {'bf16' if bf16 else 'fp32'} batch {batch_size}": batched,
+    return {"forward fp32 batch 1": fp32, f"forward {'bf16' if amp == 'bf16' else 'fp32'} batch {batch_size}": batched,
             "decode batch 1": decode_one, f"decode batch {batch_size}": decode_batch}
 
 
@@ -103,10 +103,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--total-iter", type=int, default=8)
     parser.add_argument("--mask-dir", default="cat_face/mask64")
-    parser.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="auto",
                         help="the batched decoder's precision (auto: bf16 where it is fast, as in inpainting.py)")
     args = parser.parse_args()
-    bf16 = args.amp == "bf16" or (args.amp == "auto" and bf16_is_fast(torch.device(args.device)))
+    amp = resolve_amp(args.amp, args.device)
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,13 +117,13 @@ def main() -> None:
     images = torch.randn(n, 3, 64, 64)
     print(f"device {args.device}, threads {torch.get_num_threads()}, masks from "
           f"{mask_dir if mask_dir.is_dir() else 'utils.masks.stroke_mask'}, T={args.total_iter}, batched decoder in "
-          f"{'bf16' if bf16 else 'fp32'}")
+          f"{'bf16' if amp == 'bf16' else 'fp32'}")
 
     def ours(count: int) -> None:
         for i in range(0, count, args.batch_size):
             j = min(i + args.batch_size, count)
             inpaint(model, images[i:j].to(args.device), known[i:j].to(args.device), total_iter=args.total_iter,
-                    bf16=bf16)
+                    amp=amp)
 
     def lab(count: int) -> None:
         for i in range(count):
@@ -135,7 +135,7 @@ def main() -> None:
         fn(warm)  # warm-up: allocator, oneDNN/cuDNN kernel selection
         rates[name] = count / timed(lambda: fn(count), args.device)
         print(f"{name}: {rates[name]:.3f} images/s ({count} images)")
-    parts = time_per_image(model, args.batch_size, args.device, bf16)
+    parts = time_per_image(model, args.batch_size, args.device, amp)
     print("seconds per image: " + ", ".join(f"{k} {v:.4f}" for k, v in parts.items()))
     f32, batched, dec1, dec_b = parts.values()
     t = args.total_iter

@@ -40,7 +40,7 @@ from models.Transformer import ADAMW_IMPLEMENTATIONS, BidirectionalTransformer  
 from models.VQGAN_Transformer import mvtm_loss  # noqa: E402
 from utils.cli import OneLineParser, run_cli  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.precision import autocast, resolve_amp  # noqa: E402
+from utils.precision import AMP_CHOICES, autocast, resolve_amp  # noqa: E402
 
 
 def matmul_flops_per_image(model: BidirectionalTransformer, cfg: dict) -> float:
@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--iters", type=int, default=5, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps before timing")
-    parser.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
+    parser.add_argument("--amp", choices=AMP_CHOICES, default="auto",
                         help="bf16 autocast or fp32 (auto: bf16 where the CPU has fast bf16 kernels, as the trainer)")
     parser.add_argument("--variants", action="store_true",
                         help="also time the step with every AdamW implementation (for-loop, foreach, fused)")

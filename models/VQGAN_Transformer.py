@@ -22,6 +22,7 @@ from utils.image import denormalize, normalize
 
 DEFAULT_TRANSFORMER_CKPT = "./transformer_checkpoints/transformer_last.pt"  # where training_transformer.py writes
 DECODINGS = ("sample", "argmax")
+ORDERINGS = ("confidence", "halton")  # which still-masked tokens a decoding step fixes (sampler docstring)
 MODEL_PARAM_KEYS = ["VQ_Configs", "num_image_tokens", "num_codebook_vectors", "choice_temperature", "gamma_type",
                     "Transformer_param"]
 TRANSFORMER_KEYS = ["num_image_tokens", "num_codebook_vectors", "dim", "n_layers", "hidden_dim"]
@@ -49,18 +50,22 @@ def load_maskgit_config(path: str | Path) -> dict[str, Any]:
 
 
 def decoding_choices(cfg: dict[str, Any], path: str | Path = "config") -> dict[str, Any]:
-    """The config's optional decoding keys (`decoding`, `pixel_guidance`, `seam_blend`; sampler docstring),
-    checked; when absent, the lab's decoding: sampling, no pixel guidance, no seam blend."""
+    """The config's optional decoding keys (`decoding`, `pixel_guidance`, `seam_blend`, `ordering`; sampler
+    docstring), checked; when absent, the lab's decoding: sampling, no pixel guidance, no seam blend, confidence
+    ordering."""
     decoding = cfg.get("decoding", "sample")
     if decoding not in DECODINGS:
         raise ConfigError(f"{path}: model_param.decoding is {decoding!r}; use sample or argmax")
+    ordering = cfg.get("ordering", "confidence")
+    if ordering not in ORDERINGS:
+        raise ConfigError(f"{path}: model_param.ordering is {ordering!r}; use confidence or halton")
     guidance = cfg.get("pixel_guidance", 0.0)
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 0:
         raise ConfigError(f"{path}: model_param.pixel_guidance is {guidance!r}; use a number >= 0")
     blend = cfg.get("seam_blend", False)
     if not isinstance(blend, bool):
         raise ConfigError(f"{path}: model_param.seam_blend is {blend!r}; use true or false")
-    return {"decoding": decoding, "pixel_guidance": float(guidance), "seam_blend": blend}
+    return {"decoding": decoding, "pixel_guidance": float(guidance), "seam_blend": blend, "ordering": ordering}
 
 
 def transformer_ckpt_path(cfg: dict[str, Any], override: str | Path | None = None) -> Path:

@@ -8,29 +8,30 @@ from __future__ import annotations
 
 import io
 import math
+import queue
 import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from models.schedules import GAMMAS
-from models.VQGAN_Transformer import MaskGit, decoding_choices, load_maskgit_config, transformer_ckpt_path
+from models.VQGAN_Transformer import ORDERINGS, MaskGit, decoding_choices, load_maskgit_config, transformer_ckpt_path
+from sampler.latent_mask import latent_known_mask
 from sampler.maskgit_sampler import inpaint, tokens_to_uint8
 from utils.image import HOLE_GRAY, IMAGE_SIZE, normalize, uint8_to_tensor
-from utils.masks import stroke_mask
-from utils.precision import bf16_is_fast
+from utils.masks import box_mask, stroke_mask
+from utils.precision import resolve_amp
 
 SPLIT = "test"  # normalization statistics: those the shipped models are scored with (inpainting.py)
 MAX_UPLOAD_BYTES = 10 * 2 ** 20
 MAX_UPLOAD_PIXELS = 50_000_000  # a small file can still decode to a huge image (a "decompression bomb")
 MAX_STEPS = 32
 MAX_SAMPLES = 6
-BOX_SIDES = (16, 36)  # the random box hole: one axis-aligned rectangle, each side drawn in this range
 
 
 class InputError(ValueError):
@@ -44,6 +45,7 @@ class DecodeSettings:
     total_iter: int = 8
     sweet_spot: int | None = None  # None: the last step
     decoding: str = "sample"
+    ordering: str = "confidence"
     temperature: float = 1.0
     pixel_guidance: float = 0.0
     seam_blend: bool = False
@@ -58,6 +60,7 @@ class DecodeSettings:
             (self.sweet_spot is None or 1 <= self.sweet_spot <= self.total_iter,
              f"the sweet spot must be between 1 and T ({self.total_iter})"),
             (self.decoding in ("argmax", "sample"), "decoding must be argmax or sample"),
+            (self.ordering in ORDERINGS, f"ordering must be {' or '.join(ORDERINGS)}"),
             (0 < self.temperature <= 100, "the temperature must be > 0 and <= 100"),
             (0 <= self.pixel_guidance <= 1000, "pixel guidance must be between 0 and 1000"),
             (0 <= self.seed < 2 ** 63, "the seed must be a whole number >= 0"),
@@ -85,8 +88,8 @@ class DecodeSettings:
         return replace(self, **parsed).checked()
 
 
-_SETTING_TYPES = {"schedule": str, "total_iter": int, "sweet_spot": int, "decoding": str, "temperature": float,
-                  "pixel_guidance": float, "seam_blend": bool, "seed": int, "samples": int}
+_SETTING_TYPES = {"schedule": str, "total_iter": int, "sweet_spot": int, "decoding": str, "ordering": str,
+                  "temperature": float, "pixel_guidance": float, "seam_blend": bool, "seed": int, "samples": int}
 _KIND_NAMES = {str: "a name", int: "a whole number", float: "a number", bool: "true or false"}
 
 
@@ -100,12 +103,13 @@ def _finite(value: float) -> bool:
 @dataclass
 class Engine:
     """The model, loaded once, and the lock that lets one request at a time compute: on a small CPU, parallel
-    requests would only fight over the same cores; between steps the lock is released, so requests interleave.
-    bf16 autocast only where it pays (utils.precision): on an AVX2 CPU it made one inpainting ~9x slower."""
+    requests would only fight over the same cores, so a request holds it for its whole decode (its steps stream
+    out meanwhile) and the next one waits. amp: bf16 autocast only where it pays (utils.precision); on an AVX2
+    CPU it made one inpainting ~9x slower."""
     model: MaskGit
     defaults: DecodeSettings
     device: torch.device
-    bf16: bool = False
+    amp: str = "none"
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -116,9 +120,9 @@ def load_engine(config_path: str | Path, device: str | torch.device = "cpu") -> 
     model = MaskGit(cfg).to(device).eval()
     model.load_transformer_checkpoint(transformer_ckpt_path(cfg))
     chosen = decoding_choices(cfg, str(config_path))
-    defaults = DecodeSettings(schedule=cfg["gamma_type"], decoding=chosen["decoding"],
+    defaults = DecodeSettings(schedule=cfg["gamma_type"], decoding=chosen["decoding"], ordering=chosen["ordering"],
                               pixel_guidance=chosen["pixel_guidance"], seam_blend=chosen["seam_blend"])
-    return Engine(model, defaults, device, bf16=bf16_is_fast(device.type))
+    return Engine(model, defaults, device, amp=resolve_amp("auto", device))
 
 
 def _to_rgb8(im: Image.Image, sixteen_bit: bool) -> tuple[Image.Image, list[str]]:
@@ -170,16 +174,13 @@ def read_image(data: bytes) -> tuple[np.ndarray, list[str]]:
 
 
 def random_hole(kind: str, rng: np.random.Generator) -> np.ndarray:
-    """A random hole, bool [64, 64]: "stroke" (the test set's brush strokes, utils.masks) or "box"."""
+    """A random hole, bool [64, 64]: "stroke" (the test set's brush strokes) or "box" (the val box holes' kind),
+    both from utils.masks."""
     if kind == "stroke":
         return stroke_mask(rng)
     if kind != "box":
         raise InputError(f"unknown hole kind {kind!r}; use stroke or box")
-    h, w = rng.integers(BOX_SIDES[0], BOX_SIDES[1] + 1, size=2)
-    top, left = rng.integers(0, IMAGE_SIZE - h + 1), rng.integers(0, IMAGE_SIZE - w + 1)
-    hole = np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
-    hole[top:top + h, left:left + w] = True
-    return hole
+    return box_mask(rng)
 
 
 def _latent_tile(known_tokens: torch.Tensor) -> np.ndarray:
@@ -189,6 +190,40 @@ def _latent_tile(known_tokens: torch.Tensor) -> np.ndarray:
     return np.kron(grid, np.ones((1, IMAGE_SIZE // res, IMAGE_SIZE // res), np.uint8))
 
 
+class _Stopped(Exception):
+    """Raised in the worker when the reader of its events has gone, so that its decode ends and frees the engine."""
+
+
+def _from_worker(work: Callable[[Callable[[dict[str, Any]], None]], None]) -> Iterator[dict[str, Any]]:
+    """Run work(emit) in a thread and yield each event it emits as soon as it is emitted; an exception in the
+    worker is raised here. When the reader stops early (closes this generator), the worker's next emit stops it."""
+    events: queue.Queue = queue.Queue()
+    done, gone = object(), threading.Event()
+
+    def emit(event: dict[str, Any]) -> None:
+        if gone.is_set():
+            raise _Stopped
+        events.put(event)
+
+    def run() -> None:
+        try:
+            work(emit)
+            events.put(done)
+        except _Stopped:
+            pass
+        except BaseException as e:  # handed to the reader, which raises it in its own thread
+            events.put(e)
+
+    threading.Thread(target=run, name="inpaint-steps", daemon=True).start()
+    try:
+        while (event := events.get()) is not done:
+            if isinstance(event, BaseException):
+                raise event
+            yield event
+    finally:
+        gone.set()
+
+
 def inpaint_steps(engine: Engine, face: np.ndarray, hole: np.ndarray, settings: DecodeSettings
                   ) -> Iterator[dict[str, Any]]:
     """One page request, as events (dicts with a "type"):
@@ -196,8 +231,8 @@ def inpaint_steps(engine: Engine, face: np.ndarray, hole: np.ndarray, settings: 
       step:   its number (1..steps), the latent mask after it [S, 64, 64] and the image after it [S, 64, 64, 3],
               for each of the S samples;
       result: the inpainted images [S, 64, 64, 3] (known pixels are the input's), notes, seconds.
-    An empty hole yields only a result (the input); an all-hole mask generates the whole face. The transformer
-    steps run in one batched decode (sub-second); the step images are VQGAN-decoded and yielded one by one."""
+    An empty hole yields only a result (the input); an all-hole mask generates the whole face. The decode runs in a
+    worker thread and each step is VQGAN-decoded and yielded as soon as the transformer has computed it."""
     if face.shape != (IMAGE_SIZE, IMAGE_SIZE, 3) or face.dtype != np.uint8:
         raise InputError(f"the face must be {IMAGE_SIZE}x{IMAGE_SIZE} RGB")
     if hole.shape != (IMAGE_SIZE, IMAGE_SIZE) or hole.dtype != bool:
@@ -209,24 +244,29 @@ def inpaint_steps(engine: Engine, face: np.ndarray, hole: np.ndarray, settings: 
                "notes": ["the mask has no hole: the input is returned unchanged"]}
         return
     notes = ["the whole image is a hole: a face is generated from nothing"] if hole.all() else []
-    s, device = settings.samples, engine.device
+    s, device, model = settings.samples, engine.device, engine.model
     masked = np.where(hole[..., None], np.uint8(HOLE_GRAY), face)
     images = normalize(uint8_to_tensor(masked), SPLIT)[None].repeat(s, 1, 1, 1).to(device)
     known = torch.from_numpy(~hole)[None, None].repeat(s, 1, 1, 1).to(device)
-    generator = torch.Generator(device).manual_seed(settings.seed)
-    with engine.lock:
-        result = inpaint(engine.model, images, known, split=SPLIT, total_iter=settings.total_iter,
-                         gamma_type=settings.schedule, sweet_spot=settings.sweet_spot,
-                         temperature=settings.temperature, argmax=settings.decoding == "argmax",
-                         generator=generator, bf16=engine.bf16, keep_steps=True,
-                         pixel_guidance=settings.pixel_guidance, seam_blend=settings.seam_blend)
-    steps = result.decode.step_tokens
-    notes.append(f"hole: {hole.mean():.1%} of the pixels, {(~result.known_tokens[0]).float().mean():.1%} of the "
+    known_tokens = latent_known_mask(known, model.latent_resolution)
+    notes.append(f"hole: {hole.mean():.1%} of the pixels, {(~known_tokens[0]).float().mean():.1%} of the "
                  "16x16 tokens (a token is masked unless all its 16 pixels are known)")
-    yield {"type": "start", "masked": masked, "mask": _latent_tile(result.known_tokens), "steps": len(steps),
-           "notes": notes}
-    for t, (tokens, still_masked) in enumerate(zip(steps, result.decode.step_masks)):
+    yield {"type": "start", "masked": masked, "mask": _latent_tile(known_tokens),
+           "steps": settings.sweet_spot or settings.total_iter, "notes": notes}
+    base = np.repeat(masked[None], s, axis=0)  # what inpaint pastes back: the masked input, exact in uint8
+
+    def work(emit: Callable[[dict[str, Any]], None]) -> None:
+        def show(t: int, tokens: torch.Tensor, still_masked: torch.Tensor) -> None:
+            frame = tokens_to_uint8(model, tokens, base, known, SPLIT, settings.seam_blend)
+            emit({"type": "step", "step": t + 1, "mask": _latent_tile(~still_masked), "images": frame})
+
+        generator = torch.Generator(device).manual_seed(settings.seed)
         with engine.lock:
-            frame = tokens_to_uint8(engine.model, tokens, result.masked, known, SPLIT, result.seam_blend)
-        yield {"type": "step", "step": t + 1, "mask": _latent_tile(~still_masked), "images": frame}
-    yield {"type": "result", "images": result.images, "notes": notes, "seconds": time.perf_counter() - start}
+            result = inpaint(model, images, known, split=SPLIT, total_iter=settings.total_iter,
+                             gamma_type=settings.schedule, sweet_spot=settings.sweet_spot,
+                             temperature=settings.temperature, argmax=settings.decoding == "argmax",
+                             ordering=settings.ordering, generator=generator, amp=engine.amp, on_step=show,
+                             pixel_guidance=settings.pixel_guidance, seam_blend=settings.seam_blend)
+        emit({"type": "result", "images": result.images, "notes": notes, "seconds": time.perf_counter() - start})
+
+    yield from _from_worker(work)

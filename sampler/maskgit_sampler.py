@@ -4,11 +4,18 @@ Convention, per image b with m_b initially masked tokens, T = total_iter steps, 
   1. one transformer forward on the current tokens (still-masked positions hold the mask id);
   2. every still-masked token gets a candidate, sampled from softmax(logits[:K] / temperature) over the K real
      codes (never the mask id), or its argmax;
-  3. confidence = log p(candidate) + choice_temperature * (1 - t/T) * Gumbel noise (the MaskGIT paper's rule,
-     p being the distribution the candidate came from); known tokens and tokens fixed earlier get +inf;
+  3. confidence, by the `ordering`:
+     - "confidence" (the lab's): log p(candidate) + choice_temperature * (1 - t/T) * Gumbel noise (the MaskGIT
+       paper's rule, p being the distribution the candidate came from);
+     - "halton" (valeoai's Halton-MaskGIT, Besnier et al., ICLR 2025): minus the position's place in
+       `halton_order`, a fixed low-discrepancy order of the latent grid, so that the tokens fixed at each step
+       spread evenly over the hole instead of clustering where the model is sure; the candidates' probabilities
+       and the Gumbel noise play no part (candidates are drawn as above);
+     known tokens and tokens fixed earlier get +inf;
   4. the n_t = ceil(gamma((t+1)/T) * m_b) least confident candidates stay masked, all others are fixed.
 Because gamma is non-increasing with gamma(1) = 0: n_t never increases, n_{T-1} = 0 (the last step leaves
-nothing masked), known tokens never change and a token fixed at step t stays fixed.
+nothing masked), known tokens never change and a token fixed at step t stays fixed; both orderings share this
+schedule, and differ only in which of the still-masked tokens step t fixes.
 Sweet spot s (1..T): run steps 0..s-1 and take step s-1's tokens, i.e. the tokens still masked after it are
 filled with that step's candidates (the lab's "take the image at step s"); s = T is the full decode.
 
@@ -27,8 +34,10 @@ Two additions beyond the lab, both off by default (pixel_guidance=0, seam_blend=
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,9 +45,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.schedules import gamma_func
-from models.VQGAN_Transformer import MaskGit
+from models.VQGAN_Transformer import ORDERINGS, MaskGit
 from sampler.latent_mask import latent_known_mask
 from utils.image import denormalize, diffuse_fill, to_uint8
+from utils.precision import autocast
+
+HALTON_POINTS_PER_CELL = 16  # Halton points drawn per grid cell; the 16x16 grid has every cell hit within 685 points
 
 
 @dataclass
@@ -77,17 +89,62 @@ def _sample(logp: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=logp.shape[-1] - 1)
 
 
+def _radical_inverse(n: np.ndarray, base: int) -> np.ndarray:
+    """The van der Corput radical inverse of each integer in n: its base-`base` digits mirrored behind the point."""
+    n, out, scale = n.copy(), np.zeros(len(n)), 1.0
+    while n.any():
+        scale /= base
+        out += scale * (n % base)
+        n //= base
+    return out
+
+
+@functools.cache
+def _halton_cells(h: int, w: int) -> tuple[int, ...]:
+    points = np.arange(1, HALTON_POINTS_PER_CELL * h * w + 1)
+    cells = (np.floor(_radical_inverse(points, 3) * h) * w + np.floor(_radical_inverse(points, 2) * w)).astype(int)
+    hit, first = np.unique(cells, return_index=True)
+    never = np.setdiff1d(np.arange(h * w), hit)  # ascending: row-major
+    return tuple(hit[np.argsort(first)].tolist() + never.tolist())
+
+
+def halton_order(h: int, w: int) -> torch.Tensor:
+    """The row-major cell indices [h * w] of an h x w grid in the order the 2D Halton sequence reaches them.
+
+    Point i = 1, 2, ... is (radical inverse of i in base 3, in base 2) scaled to (row, column) and floored; each
+    cell is placed at its first hit. Cells still not hit after HALTON_POINTS_PER_CELL * h * w points (none on the
+    grids used here) follow in row-major order. Built once per grid size.
+    """
+    return torch.tensor(_halton_cells(h, w))
+
+
+def _halton_confidence(n: int, device: torch.device) -> torch.Tensor:
+    """Minus each position's place in the Halton order of the square latent grid of n tokens: [n], higher = earlier."""
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"halton ordering needs a square latent grid, got {n} tokens")
+    place = torch.empty(n)
+    place[halton_order(side, side)] = torch.arange(n, dtype=torch.float32)
+    return -place.to(device)
+
+
 @torch.inference_mode()
 def decode(transformer: nn.Module, tokens: torch.Tensor, masked: torch.Tensor, *, total_iter: int = 8,
            gamma_type: str = "cosine", sweet_spot: int | None = None, temperature: float = 1.0,
            choice_temperature: float = 4.5, argmax: bool = False, generator: torch.Generator | None = None,
-           bf16: bool = True, keep_steps: bool = False, logit_bias: torch.Tensor | None = None) -> DecodeOutput:
+           amp: str = "bf16", keep_steps: bool = False, logit_bias: torch.Tensor | None = None,
+           ordering: str = "confidence", on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+           ) -> DecodeOutput:
     """Fill the `masked` (bool [B, N]) positions of `tokens` (LongTensor [B, N]) by the rule in the module docstring.
 
-    The transformer (in eval mode) needs `.mask_token_id` and `.num_codebook_vectors`. bf16 runs its forward under
-    autocast; the softmax, sampling and ranking are always fp32. `logit_bias` [B, N, K] (e.g. pixel_evidence) is
-    added to the logits of the real codes before the softmax.
+    The transformer (in eval mode) needs `.mask_token_id` and `.num_codebook_vectors`. amp ('bf16' or 'none',
+    utils.precision) is the precision of its forward; the softmax, sampling and ranking are always fp32.
+    `logit_bias` [B, N, K] (e.g. pixel_evidence) is added to the logits of the real codes before the softmax.
+    `on_step(t, filled, still_masked)`, called after every step with the step_tokens and step_masks that
+    keep_steps keeps, lets a caller show each step as soon as it is computed.
     """
+    if ordering not in ORDERINGS:
+        raise ValueError(f"unknown ordering {ordering!r}; choose one of {', '.join(ORDERINGS)}")
     if total_iter < 1:
         raise ValueError(f"total_iter must be >= 1, got {total_iter}")
     steps = total_iter if sweet_spot is None else sweet_spot
@@ -98,9 +155,10 @@ def decode(transformer: nn.Module, tokens: torch.Tensor, masked: torch.Tensor, *
     num_masked = masked.sum(dim=1).double()  # m_b
     cur = masked.clone()
     tokens = tokens.masked_fill(cur, mask_id)
+    halton = _halton_confidence(cur.shape[1], tokens.device) if ordering == "halton" else None
     step_tokens, step_masks = [], []
     for t in range(steps):
-        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast(tokens.device, amp):
             logits = transformer(tokens)
         logits = logits[cur][:, :k].float()  # [M, K], masked rows only
         if logit_bias is not None:
@@ -108,10 +166,13 @@ def decode(transformer: nn.Module, tokens: torch.Tensor, masked: torch.Tensor, *
         logp = (logits / temperature).log_softmax(dim=-1)
         cand = logp.argmax(dim=-1) if argmax else _sample(logp, generator)
         filled = tokens.masked_scatter(cur, cand)
-        conf = torch.full(cur.shape, math.inf, device=tokens.device)
-        conf[cur] = logp.gather(1, cand[:, None]).squeeze(1)
-        if choice_temperature > 0:
-            conf += choice_temperature * (1 - t / total_iter) * gumbel_noise(cur.shape, generator, tokens.device)
+        if halton is not None:
+            conf = torch.where(cur, halton, math.inf)
+        else:
+            conf = torch.full(cur.shape, math.inf, device=tokens.device)
+            conf[cur] = logp.gather(1, cand[:, None]).squeeze(1)
+            if choice_temperature > 0:
+                conf += choice_temperature * (1 - t / total_iter) * gumbel_noise(cur.shape, generator, tokens.device)
         n_t = torch.ceil(gamma((t + 1) / total_iter) * num_masked).long().to(tokens.device)
         ranks = conf.argsort(dim=1, stable=True).argsort(dim=1)
         cur = ranks < n_t[:, None]  # +inf ranks last and n_t <= the masked count, so only candidates re-mask
@@ -119,6 +180,8 @@ def decode(transformer: nn.Module, tokens: torch.Tensor, masked: torch.Tensor, *
         if keep_steps:
             step_tokens.append(filled)
             step_masks.append(cur)
+        if on_step is not None:
+            on_step(t, filled, cur)
     return DecodeOutput(filled, step_tokens, step_masks)
 
 
@@ -163,7 +226,7 @@ def inpaint(model: MaskGit, images: torch.Tensor, pixel_known: torch.Tensor, *, 
 
     gamma_type and choice_temperature default to the model's config; pixel_guidance and seam_blend are the module
     docstring's additions (seam_blend needs paste_back); decode_kwargs (sweet_spot, temperature, argmax, generator,
-    bf16, keep_steps) go to decode.
+    amp, keep_steps, ordering, on_step) go to decode.
     The VQGAN runs in fp32, once to encode and once to decode; step images are left to the caller.
     """
     known = latent_known_mask(pixel_known, model.latent_resolution)

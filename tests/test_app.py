@@ -115,6 +115,32 @@ def test_empty_hole_returns_the_input_and_full_hole_makes_a_face(engine):
     assert len(np.unique(events[-1]["images"].reshape(-1, 3), axis=0)) > 10
 
 
+def test_each_step_is_yielded_as_soon_as_it_is_decoded(engine):
+    """Step 1's frame arrives while the last transformer forward is still held back; halton ordering on the way."""
+    t, gate_s = 4, 10
+    forwards, release = [], threading.Event()
+
+    def gate(module, args):
+        if len(forwards) == t - 1:
+            release.wait(gate_s)  # a handler that decodes every step before yielding gets here first, and waits
+        forwards.append(1)
+
+    handle = engine.model.transformer.register_forward_pre_hook(gate)
+    try:
+        events = inpaint_steps(engine, synthetic_face(6), random_hole("stroke", np.random.default_rng(6)),
+                               engine.defaults.updated({"total_iter": t, "ordering": "halton"}))
+        assert next(events)["type"] == "start"
+        first = next(events)
+        assert first["type"] == "step" and first["step"] == 1 and len(forwards) < t
+        release.set()
+        rest = list(events)
+    finally:
+        release.set()
+        handle.remove()
+    assert [e["type"] for e in rest] == ["step"] * (t - 1) + ["result"] and len(forwards) == t
+    assert np.array_equal(rest[-2]["images"], rest[-1]["images"])
+
+
 def test_random_box_is_one_rectangle_of_16_to_36_pixels_a_side():
     for seed in range(20):
         rows, cols = np.nonzero(random_hole("box", np.random.default_rng(seed)))
@@ -127,7 +153,7 @@ def test_random_box_is_one_rectangle_of_16_to_36_pixels_a_side():
     ({"schedule": "wavy"}, "schedule"), ({"decoding": "beam"}, "decoding"), ({"temperature": 0}, "temperature"),
     ({"temperature": float("nan")}, "temperature"), ({"seed": True}, "seed"), ({"samples": 7}, "samples"),
     ({"total_iter": 8.5}, "whole number"), ({"pixel_guidance": "lots"}, "pixel_guidance"), ({"colour": 1}, "colour"),
-    ({"seed": -1}, "seed"), ({"seam_blend": 1}, "seam_blend"),
+    ({"seed": -1}, "seed"), ({"seam_blend": 1}, "seam_blend"), ({"ordering": "random"}, "ordering"),
 ])
 def test_bad_settings_are_one_line_messages(values, message):
     with pytest.raises(InputError, match=message):

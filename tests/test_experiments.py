@@ -169,6 +169,25 @@ def test_only_references_then_resume_skips_done_rows(lab, sweep, tmp_path, capsy
     assert "--partial" in one_line_error(experiments.main, flags(lab, tmp_path, "--resume", "--partial", "0.5"), capsys)
 
 
+def test_resume_reads_a_results_csv_from_before_the_ordering_and_holes_columns(lab, sweep, tmp_path):
+    """A results.csv written before those columns existed: confidence ordering, stroke holes."""
+    legacy = [{k: v for k, v in r.items() if k not in experiments.LATER_FIELDS} for r in sweep[1]]
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, [k for k in experiments.FIELDS if k not in experiments.LATER_FIELDS])
+        writer.writeheader()
+        writer.writerows(legacy)
+    experiments.main(flags(lab, tmp_path, "--resume", "--references", "--mask-funcs", "linear", "--total-iters", "2",
+                           "--decodings", "sample", "--orderings", "confidence", "halton"))
+    rows = read_csv(tmp_path / "results.csv")
+    assert list(rows[0]) == experiments.FIELDS  # rewritten in today's columns, then one row appended
+    assert rows[:-1] == [{**r, "ordering": "confidence" if r["method"] == "maskgit" else "", "holes": "strokes"}
+                         for r in legacy]
+    new = rows[-1]
+    assert (new["schedule"], new["T"], new["decoding"], new["ordering"]) == ("linear", "2", "sample", "halton")
+    assert new["fid"] != by_setting(sweep[1])["linear", "2", "T", "sample"]["fid"]
+    assert "| halton |" in (tmp_path / "results.md").read_text()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--mask-funcs", "zigzag"], "--mask-funcs"),
     (["--decodings", "greedy"], "--decodings"),
@@ -181,6 +200,7 @@ def test_only_references_then_resume_skips_done_rows(lab, sweep, tmp_path, capsy
     (["--partial", "0.1"], "--partial"),
     (["--pixel-guidances", "-1"], "--pixel-guidances"),
     (["--seam-blends", "maybe"], "--seam-blends"),
+    (["--orderings", "random"], "--orderings"),
     (["--split", "val", "--val_d_path", "/nonexistent/val"], "/nonexistent/val"),
 ])
 def test_bad_flags_exit_2_with_one_line(lab, tmp_path, capsys, extra, message):
@@ -229,18 +249,3 @@ def test_box_holes_are_a_benchmark_of_their_own(lab, tmp_path, capsys):
     dataset, _ = experiments.test_set(experiments.parse_args(flags(lab, out, "--holes", "boxes")))
     assert np.array_equal(dataset.known, boxes) and np.array_equal(dataset.images[boxes], gt[boxes])
     assert "--holes" in one_line_error(experiments.main, flags(lab, out, "--resume", "--holes", "strokes"), capsys)
-
-
-def test_resume_reads_a_results_csv_from_before_the_holes_column(lab, tmp_path):
-    experiments.main(flags(lab, tmp_path, "--references", "telea", "--only-references"))
-    path = tmp_path / "results.csv"
-    rows = read_csv(path)
-    old = [k for k in experiments.FIELDS if k != "holes"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, old, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    experiments.main(flags(lab, tmp_path, "--resume", "--references", "telea", "masked_input", "--only-references"))
-    resumed = read_csv(path)
-    assert [r["method"] for r in resumed] == ["telea", "masked_input"] and resumed[0]["fid"] == rows[0]["fid"]
-    assert all(r["holes"] == "strokes" for r in resumed)

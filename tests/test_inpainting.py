@@ -88,6 +88,7 @@ def test_seed_sweet_spot_and_no_paste_back(lab, tmp_path, capsys):
     (["--gt", "/nonexistent/gt.csv"], "--gt"),
     (["--pixel-guidance", "-1"], "--pixel-guidance"),
     (["--seam-blend", "--no-paste-back"], "--seam-blend"),
+    (["--ordering", "random"], "--ordering"),
 ])
 def test_bad_input_exits_2_with_one_line(lab, tmp_path, capsys, extra, message):
     assert message in one_line_error(inpainting.main, flags(lab, tmp_path, *extra), capsys)
@@ -102,21 +103,25 @@ def test_script_exit_status_and_message(lab, tmp_path):
 def test_the_config_sets_the_decoding_additions_and_flags_override_it(lab, tmp_path, capsys):
     setup, _, data, known = lab
     cfg = yaml.safe_load(setup.maskgit_config.read_text())
-    cfg["model_param"].update(pixel_guidance=3.0, seam_blend=True, decoding="argmax")
+    cfg["model_param"].update(pixel_guidance=3.0, seam_blend=True, decoding="argmax", ordering="halton")
     config = tmp_path / "guided.yml"
     config.write_text(yaml.safe_dump(cfg))
     runs = {}
     for name, extra in (("config", ["--MaskGitConfig", str(config)]),
-                        ("flags", ["--pixel-guidance", "3", "--seam-blend", "--decoding", "argmax"]),
-                        ("off", ["--MaskGitConfig", str(config), "--pixel-guidance", "0", "--no-seam-blend"]),
-                        ("lab", ["--decoding", "argmax"])):
+                        ("flags", ["--pixel-guidance", "3", "--seam-blend", "--decoding", "argmax", "--ordering",
+                                   "halton"]),
+                        ("off", ["--MaskGitConfig", str(config), "--pixel-guidance", "0", "--no-seam-blend",
+                                 "--ordering", "confidence"]),
+                        ("lab", ["--decoding", "argmax"]),
+                        ("halton", ["--decoding", "argmax", "--ordering", "halton"])):
         inpainting.main(flags(lab, tmp_path / name, "--no-fid", "--visualize", "0", *extra))
         runs[name] = [read_rgb(tmp_path / name / "test_results" / f"image_{i:03d}.png") for i in range(N_TEST)]
     same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(runs[a], runs[b]))  # noqa: E731
     assert same("config", "flags") and same("off", "lab") and not same("config", "lab")
+    assert not same("halton", "lab")
     for i in range(N_TEST):
         assert np.array_equal(runs["config"][i][known[i]], read_rgb(data / "masked_image" / f"image_{i:03d}.png")[known[i]])
-    for key, value in (("pixel_guidance", "strong"), ("seam_blend", "yes")):
+    for key, value in (("pixel_guidance", "strong"), ("seam_blend", "yes"), ("ordering", "random")):
         bad = yaml.safe_load(config.read_text())
         bad["model_param"][key] = value
         config.write_text(yaml.safe_dump(bad))

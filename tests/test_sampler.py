@@ -12,11 +12,12 @@ from models.schedules import gamma_func
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config
 from sampler.lab_loop import lab_way_inpaint
 from sampler.latent_mask import latent_known_mask
-from sampler.maskgit_sampler import decode, inpaint, tokens_to_uint8
+from sampler import maskgit_sampler
+from sampler.maskgit_sampler import decode, halton_order, inpaint, tokens_to_uint8
 from utils.image import denormalize, diffuse_fill, normalize, to_uint8, uint8_to_tensor
 
 T = 8
-FP32_ARGMAX = dict(bf16=False, argmax=True, choice_temperature=0.0)
+FP32_ARGMAX = dict(amp="none", argmax=True, choice_temperature=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def test_batched_argmax_fp32_equals_the_lab_way_per_image(maskgit, batch):
         assert len(decoded) == T
         assert torch.equal(ours[b:b + 1], lab)
     # one image, with the Gumbel term on: both draw the same noise from the same seed
-    ours = inpaint(maskgit, images[:1], known[:1], total_iter=T, bf16=False, argmax=True, generator=gen(5))
+    ours = inpaint(maskgit, images[:1], known[:1], total_iter=T, amp="none", argmax=True, generator=gen(5))
     lab, _ = lab_way_inpaint(maskgit, images[:1], known[:1], T, argmax=True, choice_temperature=4.5, generator=gen(5))
     assert torch.equal(ours.decode.tokens, lab)
 
@@ -138,6 +139,60 @@ def test_no_hole_returns_the_input_and_all_hole_generates(maskgit, batch):
     assert out.decode.step_masks[0].sum(1).tolist() == [math.ceil(float(gamma_func("cosine")(1 / 8)) * 256)] * 4
     assert (out.decode.tokens < maskgit.mask_token_id).all()
     assert np.array_equal(out.images, tokens_to_uint8(maskgit, out.decode.tokens))  # nothing to paste back
+
+
+# ---- Halton ordering
+
+def test_halton_order_is_a_permutation_whose_start_is_spread_over_the_grid():
+    for h, w in [(16, 16), (8, 8), (3, 5), (1, 7)]:
+        assert sorted(halton_order(h, w).tolist()) == list(range(h * w))
+    first = halton_order(16, 16)[:16]
+    rows, cols = first // 16, first % 16
+    # row-major (all of row 0) or column-major (all of column 0) would leave two quadrants and three bands empty
+    assert torch.bincount((rows // 8) * 2 + cols // 8, minlength=4).min() >= 3  # 8x8 quadrants
+    assert torch.bincount(rows // 4, minlength=4).min() >= 3 and torch.bincount(cols // 4, minlength=4).min() >= 3
+
+
+def test_halton_cells_never_hit_come_last_in_row_major_order(monkeypatch):
+    full = halton_order(16, 16).tolist()
+    monkeypatch.setattr(maskgit_sampler, "HALTON_POINTS_PER_CELL", 1)  # 256 points miss some of the 256 cells
+    maskgit_sampler._halton_cells.cache_clear()
+    try:
+        short = halton_order(16, 16).tolist()
+    finally:
+        maskgit_sampler._halton_cells.cache_clear()
+    hit = next(i for i, (a, b) in enumerate(zip(short, full)) if a != b)  # the cells the 256 points reach
+    assert 100 < hit < 256 and short[hit:] == sorted(full[hit:])
+
+
+def test_halton_decoding_fixes_the_earliest_masked_positions_at_the_schedules_pace(maskgit, batch):
+    images, known, _ = batch
+    masked = ~latent_known_mask(known)
+    _, encoded = maskgit.encode_to_z(images)
+    seen = []
+    out = decode(maskgit.transformer, encoded, masked, total_iter=T, ordering="halton", generator=gen(1), amp="none",
+                 keep_steps=True, on_step=lambda t, filled, still: seen.append((t, filled, still)))
+    assert [t for t, _, _ in seen] == list(range(T))  # on_step: every step, what keep_steps keeps
+    assert all(torch.equal(a, b) and torch.equal(c, d) for (_, a, c), b, d in
+               zip(seen, out.step_tokens, out.step_masks))
+    gamma, order = gamma_func("cosine"), halton_order(16, 16)
+    for b in range(len(images)):
+        in_order = order[masked[b, order]]  # this image's masked positions, earliest in the Halton order first
+        m = len(in_order)
+        for t, (tokens, still) in enumerate(zip(out.step_tokens, out.step_masks)):
+            n_t = math.ceil(float(gamma((t + 1) / T)) * m)
+            left = torch.zeros_like(still[b])
+            left[in_order[m - n_t:]] = True  # the n_t latest stay masked; step 0 fixes the m - n_0 earliest
+            assert torch.equal(still[b], left)
+            assert torch.equal(tokens[b][~masked[b]], encoded[b][~masked[b]])  # known tokens never change
+    assert (out.tokens < maskgit.mask_token_id).all()
+    # the order ignores the candidates: another seed draws other tokens, but reveals the same positions
+    other = decode(maskgit.transformer, encoded, masked, total_iter=T, ordering="halton", generator=gen(2),
+                   amp="none", keep_steps=True)
+    assert all(torch.equal(a, b) for a, b in zip(other.step_masks, out.step_masks))
+    assert not torch.equal(other.tokens, out.tokens)
+    with pytest.raises(ValueError, match="ordering"):
+        decode(maskgit.transformer, encoded, masked, ordering="random")
 
 
 # ---- beyond the lab: pixel guidance and the seam blend

@@ -8,7 +8,6 @@ and the VQGAN weights file (bytes), and is rebuilt only when one of them changes
 from __future__ import annotations
 
 import hashlib
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from models.VQGAN import VQGAN
 from utils.checkpoint import atomic_save
 from utils.cli import UserError
 from utils.data import ImageFolderDataset
-from utils.precision import bf16_is_fast
+from utils.precision import autocast, bf16_is_fast
 
 CACHE_FORMAT = "maskgit-token-cache-v1"
 BF16_MIN_AGREEMENT = 0.999  # bf16 encoding is used only if it gives the fp32 token on at least this fraction
@@ -63,20 +62,19 @@ def _token_dtype(vqgan: VQGAN) -> torch.dtype:
 
 
 @torch.no_grad()
-def _encode(vqgan: VQGAN, x: torch.Tensor, bf16: bool) -> torch.Tensor:
-    ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    with ctx:
+def _encode(vqgan: VQGAN, x: torch.Tensor, amp: str) -> torch.Tensor:
+    with autocast(x.device, amp):
         _, indices, _ = vqgan.encode(x)
     return indices.view(x.shape[0], -1)
 
 
 def bf16_agreement(vqgan: VQGAN, x: torch.Tensor, batch_size: int) -> float:
     """Fraction of tokens of the images x that bf16-autocast encoding assigns the same code as fp32."""
-    same = [(_encode(vqgan, b, True) == _encode(vqgan, b, False)).flatten() for b in x.split(batch_size)]
+    same = [(_encode(vqgan, b, "bf16") == _encode(vqgan, b, "none")).flatten() for b in x.split(batch_size)]
     return torch.cat(same).double().mean().item()
 
 
-def _encode_dataset(vqgan: VQGAN, dataset: ImageFolderDataset, device: torch.device, bf16: bool, flip: bool,
+def _encode_dataset(vqgan: VQGAN, dataset: ImageFolderDataset, device: torch.device, amp: str, flip: bool,
                     batch_size: int, num_workers: int, desc: str, verbose: bool
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -85,11 +83,11 @@ def _encode_dataset(vqgan: VQGAN, dataset: ImageFolderDataset, device: torch.dev
         for x in tqdm(loader, desc=desc, unit="batch", disable=not verbose, dynamic_ncols=True):
             x = x.to(device, non_blocking=True)
             if flip:  # original and flipped images share one forward pass
-                tokens = _encode(vqgan, torch.cat([x, x.flip(-1)]), bf16).cpu()
+                tokens = _encode(vqgan, torch.cat([x, x.flip(-1)]), amp).cpu()
                 plain.append(tokens[:len(x)])
                 flipped.append(tokens[len(x):])
             else:
-                plain.append(_encode(vqgan, x, bf16).cpu())
+                plain.append(_encode(vqgan, x, amp).cpu())
     except ValueError as e:  # an unreadable image; from a worker the message ends with the original one
         raise UserError(str(e).strip().splitlines()[-1].removeprefix("ValueError: ")) from e
     dtype = _token_dtype(vqgan)
@@ -119,19 +117,19 @@ def ensure_token_cache(vqgan: VQGAN, vq_ckpt_path: str | Path, train_dir: str | 
     vqgan = vqgan.to(device).eval()
     agreement = None
     if precision == "fp32" or (precision == "auto" and not bf16_is_fast(device)):
-        bf16 = False
+        amp = "none"
     else:
         first = torch.stack([datasets["train"][i] for i in range(min(AGREEMENT_IMAGES, len(datasets["train"])))])
         agreement = bf16_agreement(vqgan, first.to(device), batch_size)
-        bf16 = precision == "bf16" or agreement >= BF16_MIN_AGREEMENT
+        amp = "bf16" if precision == "bf16" or agreement >= BF16_MIN_AGREEMENT else "none"
         if verbose:
             print(f"token cache: bf16 encoding matches fp32 on {100 * agreement:.3f}% of {first.shape[0]} images' "
-                  f"tokens -> encoding in {'bf16' if bf16 else 'fp32'}")
-    args = dict(device=device, bf16=bf16, batch_size=batch_size, num_workers=num_workers, verbose=verbose)
+                  f"tokens -> encoding in {'bf16' if amp == 'bf16' else 'fp32'}")
+    args = dict(device=device, amp=amp, batch_size=batch_size, num_workers=num_workers, verbose=verbose)
     train, train_flip = _encode_dataset(vqgan, datasets["train"], flip=True, desc="tokenizing train (+flips)", **args)
     val, _ = _encode_dataset(vqgan, datasets["val"], flip=False, desc="tokenizing val", **args)
     atomic_save({"format": CACHE_FORMAT, "key": key, "train": train, "train_flip": train_flip, "val": val,
-                 "encoder_precision": "bf16" if bf16 else "fp32", "bf16_agreement": agreement,
+                 "encoder_precision": "bf16" if amp == "bf16" else "fp32", "bf16_agreement": agreement,
                  "train_files": [p.name for p in datasets["train"].paths],
                  "val_files": [p.name for p in datasets["val"].paths]}, cache_path)
     if verbose:

@@ -89,7 +89,7 @@ class InpaintingTestSet(Dataset):
     @classmethod
     def with_holes(cls, images: np.ndarray, names: list[str], holes: np.ndarray,
                    split: str = "val") -> "InpaintingTestSet":
-        """Clean uint8 images [N,64,64,3] with the holes bool [N,64,64] (True = hole; e.g. utils.masks.val_holes)
+        """Clean uint8 images [N,64,64,3] with the holes bool [N,64,64] (True = hole; e.g. utils.masks.fixed_holes)
         painted gray, as prepare_dataset.py makes the test set: an inpainting set on val, to tune decoding without
         the test split."""
         self = cls.__new__(cls)

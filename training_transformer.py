@@ -2,7 +2,9 @@
 
 The frozen VQGAN tokenizes the train/val images once (training/token_cache.py: cached, rebuilt only when the images
 or the VQGAN weights change); training then only sees token ids. Each step masks ceil(gamma(r)*N) tokens per
-image (r ~ U(0,1)) and minimizes the cross-entropy on the masked positions.
+image (r ~ U(0,1)) and minimizes the cross-entropy on the masked positions; --train-masks strokes/boxes/mix masks
+part of a stroke or box hole instead, in every image or (mix) in a share --hole-mask-prob of them
+(training/train_masks.py).
 
     python training_transformer.py              # configs/MaskGit_small.yml on the shipped VQGAN: a CPU finishes it
     python training_transformer.py --resume     # continue it after a stop
@@ -31,6 +33,7 @@ import torch
 from models.Transformer import BidirectionalTransformer
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config
 from training.token_cache import ensure_token_cache
+from training.train_masks import DEFAULT_HOLE_MASK_PROB, DEFAULT_TRAIN_MASKS, TRAIN_MASKS
 from training.transformer import LOG_FIELDS, TokenData, TransformerTrainer, check_resume, train_defaults
 from utils.checkpoint import ensure_writable_dir, load_state_dict_strict, load_training_state, load_weights
 from utils.cli import OneLineParser, UserError, run_cli
@@ -75,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=None,
                    help="linear warm-up steps, then cosine decay to 0 (default: the config's train_param, else 1000)")
     p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--train-masks", choices=list(TRAIN_MASKS), default=DEFAULT_TRAIN_MASKS,
+                   help="uniform: MaskGIT's random tokens anywhere; strokes/boxes: a random part (gamma-scheduled) "
+                        "of a stroke/box hole's tokens; mix: a hole (stroke or box 50/50) with probability "
+                        "--hole-mask-prob, else uniform")
+    p.add_argument("--hole-mask-prob", type=float, default=DEFAULT_HOLE_MASK_PROB,
+                   help="with --train-masks mix: the probability that a sample is masked inside a hole")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, used for validation and saved")
     p.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
@@ -112,6 +121,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--partial must be in (0, 1], got {args.partial}")
     if not 0 <= args.start_from_epoch < args.epochs:
         raise UserError(f"--start-from-epoch {args.start_from_epoch} must be below --epochs {args.epochs}")
+    if not 0.0 <= args.hole_mask_prob <= 1.0:
+        raise UserError(f"--hole-mask-prob must be in [0, 1], got {args.hole_mask_prob}")
     if not 0.0 <= args.ema_decay < 1.0:
         raise UserError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if min(args.warmup_steps, args.ckpt_interval, args.max_steps, args.num_workers) < 0:

@@ -88,17 +88,28 @@ def _load_frozen_vqgan(vq_cfg: dict[str, Any]) -> VQGAN:
 
 
 def mask_tokens(indices: torch.Tensor, gamma: Callable[[torch.Tensor], torch.Tensor], mask_token_id: int,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None = None, region: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """MVTM corruption: per sample draw r ~ U(0,1) and replace ceil(gamma(r) * N) random positions by the mask id.
 
     indices: LongTensor [B, N]. Returns (corrupted indices [B, N], mask bool [B, N], True = masked). Random
     numbers come from `generator` (on its device) when given, so validation can use the same masks every time.
+    With `region` (bool [B, N]) the rule runs inside it: max(1, ceil(gamma(r) * |region|)) random positions of the
+    region, none outside it (none at all for an empty region); the hole-aware training masks use it
+    (training/train_masks.py), with the same random draws as without.
     """
     b, n = indices.shape
     device = generator.device if generator is not None else indices.device
     r = torch.rand(b, device=device, generator=generator)
-    num_masked = torch.ceil(gamma(r) * n).long()  # gamma works in float64: no 1-ulp ceil surprises
-    ranks = torch.rand(b, n, device=device, generator=generator).argsort(dim=1).argsort(dim=1)
+    scores = torch.rand(b, n, device=device, generator=generator)
+    if region is None:
+        num_masked = torch.ceil(gamma(r) * n).long()  # gamma works in float64: no 1-ulp ceil surprises
+    else:
+        region = region.to(device)
+        size = region.sum(dim=1)
+        num_masked = torch.ceil(gamma(r) * size).long().clamp(min=1).minimum(size)
+        scores = scores.masked_fill(~region, 2.0)  # above every draw in [0, 1): ranked after the region
+    ranks = scores.argsort(dim=1).argsort(dim=1)
     mask = (ranks < num_masked[:, None]).to(indices.device)
     return indices.masked_fill(mask, mask_token_id), mask
 
@@ -144,10 +155,10 @@ class MaskGit(nn.Module):
         """The mask scheduling function (the lab's method name); models.schedules is its only home."""
         return gamma_func(mode)
 
-    def mask_tokens(self, indices: torch.Tensor, generator: torch.Generator | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """MVTM corruption with this model's schedule and mask id (see mask_tokens)."""
-        return mask_tokens(indices, self.gamma, self.mask_token_id, generator)
+    def mask_tokens(self, indices: torch.Tensor, generator: torch.Generator | None = None,
+                    region: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """MVTM corruption with this model's schedule and mask id (see mask_tokens), optionally inside `region`."""
+        return mask_tokens(indices, self.gamma, self.mask_token_id, generator, region)
 
     @staticmethod
     def loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0

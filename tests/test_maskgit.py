@@ -50,6 +50,25 @@ def test_mask_tokens_is_reproducible_with_a_generator_and_random_without():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_mask_tokens_inside_a_region_masks_max_1_ceil_gamma_r_of_it_and_nothing_else():
+    gamma, b, n = gamma_func("cosine"), 300, 256
+    indices = torch.randint(0, 32, (b, n))
+    region = torch.rand(b, n, generator=torch.Generator().manual_seed(1)) < torch.linspace(0, 0.5, b)[:, None]
+    region[0] = False  # an empty region
+    region[1] = False
+    region[1, 7] = True  # a region of one token
+    corrupted, mask = mask_tokens(indices, gamma, 32, torch.Generator().manual_seed(3), region)
+    r = torch.rand(b, generator=torch.Generator().manual_seed(3))  # the same first draw as inside mask_tokens
+    size = region.sum(1)
+    expected = torch.tensor([min(int(s), max(1, math.ceil(gamma(float(x)).item() * s))) for x, s in zip(r, size)])
+    assert torch.equal(mask.sum(1), expected) and not (mask & ~region).any()
+    assert mask[1, 7] and not mask[0].any()
+    assert (corrupted[mask] == 32).all() and torch.equal(corrupted[~mask], indices[~mask])
+    # an all-True region is the plain rule: the same draws give the same masks
+    everywhere = mask_tokens(indices, gamma, 32, torch.Generator().manual_seed(3), torch.ones(b, n, dtype=torch.bool))
+    assert torch.equal(everywhere[1], mask_tokens(indices, gamma, 32, torch.Generator().manual_seed(3))[1])
+
+
 def test_loss_counts_masked_positions_only():
     torch.manual_seed(0)
     logits, target = torch.randn(3, 256, 33), torch.randint(0, 32, (3, 256))

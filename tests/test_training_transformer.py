@@ -8,17 +8,24 @@ import subprocess
 import sys
 import time
 
+import copy
+import math
+
+import numpy as np
 import pytest
 import torch
 import yaml
-from tiny_maskgit import REPO, make_tiny_setup, write_images
+from tiny_maskgit import REPO, make_tiny_setup, one_line_error, write_images
 
 import training_transformer
 from models.VQGAN import VQGAN, load_vqgan
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config
 from training.token_cache import ensure_token_cache, load_token_cache
-from utils.checkpoint import TRAINING_STATE_TAG, load_training_state, load_weights
+from training.train_masks import BANK_SIZE, TrainingMasks, latent_holes
+from training.transformer import VAL_MASK_SEED, TokenData
+from utils.checkpoint import TRAINING_STATE_TAG, atomic_save, load_training_state, load_weights
 from utils.data import ImageFolderDataset
+from utils.masks import val_holes
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +41,39 @@ def shared_cache(tiny):
     ensure_token_cache(load_vqgan(tiny.vq_config, tiny.vq_ckpt), tiny.vq_ckpt, tiny.train_dir, tiny.train_dir, path,
                        torch.device("cpu"), precision="fp32", verbose=False)
     return path
+
+
+@pytest.fixture(scope="module")
+def maskgit(tiny):
+    return MaskGit(load_maskgit_config(tiny.maskgit_config))
+
+
+@pytest.fixture(scope="module")
+def mix_masks(maskgit):
+    """--train-masks mix with every sample in a hole (the bank takes a few seconds: built once)."""
+    return TrainingMasks(maskgit, "mix", 1.0, 0, torch.device("cpu"))
+
+
+def with_prob(masks, p):
+    other = copy.copy(masks)
+    other.hole_prob = p
+    return other
+
+
+def draw(masks, target, seed):
+    """(mask, the latent holes drawn for it) of one call under torch seed `seed`."""
+    drawn = []
+    spy = copy.copy(masks)
+    spy.holes = lambda b, device: drawn.append(masks.holes(b, device)) or drawn[-1]
+    torch.manual_seed(seed)
+    corrupted, mask = spy(target)
+    assert torch.equal(corrupted, target.masked_fill(mask, 32))
+    return mask, drawn[0] if drawn else None
+
+
+def is_box(holes):
+    rows, cols = holes.view(-1, 16, 16).any(2), holes.view(-1, 16, 16).any(1)
+    return holes.sum(1) == rows.sum(1) * cols.sum(1)
 
 
 def run(tiny, out, *extra, cache):
@@ -164,7 +204,8 @@ def test_non_finite_loss_stops_with_exit_1_and_keeps_the_last_good_state(tiny, t
     assert state["step"] >= 1 and all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-@pytest.mark.parametrize("case", ["missing_vqgan", "bad_config", "bad_flag", "resume_without_state", "no_images"])
+@pytest.mark.parametrize("case", ["missing_vqgan", "bad_config", "bad_flag", "bad_hole_prob", "resume_without_state",
+                                  "no_images"])
 def test_user_errors_exit_2_with_one_line(tiny, tmp_path, shared_cache, capsys, case):
     extra: list = ["--epochs", 1, "--batch-size", 4]
     cfg = yaml.safe_load(tiny.maskgit_config.read_text())
@@ -174,6 +215,8 @@ def test_user_errors_exit_2_with_one_line(tiny, tmp_path, shared_cache, capsys, 
         del cfg["model_param"]["gamma_type"]
     elif case == "bad_flag":
         extra += ["--partial", 0]
+    elif case == "bad_hole_prob":
+        extra += ["--hole-mask-prob", 1.5]
     elif case == "resume_without_state":
         extra += ["--resume"]
     (tmp_path / "c.yml").write_text(yaml.safe_dump(cfg))
@@ -188,7 +231,8 @@ def test_user_errors_exit_2_with_one_line(tiny, tmp_path, shared_cache, capsys, 
     assert err[-1].startswith("error: ") and sum("error" in ln for ln in err) == 1, err
     assert not any("Traceback" in ln for ln in err)
     expected = {"missing_vqgan": "training_vqgan.py", "bad_config": "gamma_type", "bad_flag": "--partial",
-                "resume_without_state": "training_state.pt", "no_images": "no .png images"}[case]
+                "bad_hole_prob": "--hole-mask-prob", "resume_without_state": "training_state.pt",
+                "no_images": "no .png images"}[case]
     assert expected in err[-1]
 
 
@@ -211,3 +255,94 @@ def test_sigint_saves_a_state_and_exits_130(tiny, tmp_path, shared_cache):
     state = load_training_state(out / "training_state.pt")
     assert state["step"] >= 1
     assert run(tiny, out, "--epochs", state["epoch"] + 1, "--resume", cache=shared_cache) == 0
+
+
+def test_uniform_train_masks_draw_exactly_what_mask_tokens_draws(maskgit, mix_masks):
+    target = torch.randint(0, 32, (64, 256))
+    uniform = TrainingMasks(maskgit, "uniform", 0.5, 0, torch.device("cpu"))
+    torch.manual_seed(7)
+    expected = [maskgit.mask_tokens(target) for _ in range(2)]
+    torch.manual_seed(7)
+    got = [uniform(target) for _ in range(2)]  # the same RNG use: the second batch agrees too
+    assert all(torch.equal(a, b) for e, g in zip(expected, got) for a, b in zip(e, g))
+    # mix with P=0: every sample takes the uniform rule's masks of the same seed
+    assert torch.equal(draw(with_prob(mix_masks, 0.0), target, 7)[0], expected[0][1])
+    # a hole that covers no token falls back to the uniform rule
+    empty = copy.copy(mix_masks)
+    empty.bank = torch.zeros_like(mix_masks.bank)
+    assert torch.equal(draw(empty, target, 7)[0], expected[0][1])
+
+
+def test_hole_samples_mask_part_of_their_hole_and_at_least_one_token(maskgit, mix_masks):
+    target = torch.randint(0, 32, (256, 256))
+    mask, holes = draw(mix_masks, target, 0)  # P=1: every sample in a hole
+    size = holes.sum(1)
+    assert (size > 0).all() and not (mask & ~holes).any() and (mask.sum(1) >= 1).all()
+    share = mask.sum(1) / size
+    assert (share == 1).sum() > 8 and (share < 0.5).sum() > 40  # the whole hole (step 0) and later steps
+    # the holes are bank entries, flipped or transposed; stroke and box 50/50
+    bank = mix_masks.bank.view(-1, 16, 16)
+    variants = torch.cat([b.flatten(1) for t in (bank, bank.transpose(1, 2))
+                          for b in (t, t.flip(1), t.flip(2), t.flip(1).flip(2))])
+    assert all((variants == h).all(1).any() for h in holes[:32])
+    assert not all((mix_masks.bank == h).all(1).any() for h in holes[:32])  # some are transformed
+    assert 80 < is_box(holes).sum() < 176 and is_box(mix_masks.bank).sum() == BANK_SIZE["box"]
+    # P=0.5: about half the samples leave their hole
+    mask, holes = draw(with_prob(mix_masks, 0.5), target, 0)
+    assert 80 < (mask & ~holes).any(1).sum() < 176
+
+
+def test_box_train_masks_draw_boxes_only(maskgit):
+    masks = TrainingMasks(maskgit, "boxes", 0.5, 0, torch.device("cpu"))
+    mask, holes = draw(masks, torch.randint(0, 32, (64, 256)), 1)
+    assert is_box(holes).all() and not (mask & ~holes).any() and (mask.sum(1) >= 1).all()
+    other_seed = TrainingMasks(maskgit, "boxes", 0.5, 1, torch.device("cpu"))
+    assert torch.equal(masks.bank, TrainingMasks(maskgit, "boxes", 0.5, 0, torch.device("cpu")).bank)
+    assert not torch.equal(masks.bank, other_seed.bank)
+
+
+def test_val_hole_masks_are_the_fixed_val_holes_and_the_uniform_ones_unchanged(maskgit):
+    val = torch.randint(0, 32, (5, 256), dtype=torch.int16)
+    data = TokenData.for_validation(val, maskgit, torch.device("cpu"), holes=True)
+    expected = latent_holes(np.concatenate([val_holes("stroke", 3), val_holes("box", 5)[3:]]), 16)
+    assert torch.equal(data.val_hole_mask, expected) and expected.any(1).all()
+    uniform = maskgit.mask_tokens(val.long(), torch.Generator().manual_seed(VAL_MASK_SEED))[1]
+    assert torch.equal(data.val_mask, uniform)
+    assert TokenData.for_validation(val, maskgit, torch.device("cpu")).val_hole_mask is None  # only when asked for
+
+
+def test_mix_run_logs_the_hole_metrics(tiny, tmp_path, shared_cache, monkeypatch):
+    monkeypatch.setitem(BANK_SIZE, "stroke", 16)  # a smaller bank: the seconds of drawing strokes add nothing here
+    out = tmp_path / "run"
+    assert run(tiny, out, "--epochs", 2, "--train-masks", "mix", "--hole-mask-prob", 0.7, cache=shared_cache) == 0
+    log = read_log(out / "log.csv")
+    assert list(log[0])[:7] == ["epoch", "step", "train_loss", "val_loss", "val_acc", "lr", "seconds"]
+    assert [int(r["epoch"]) for r in log] == [1, 2]
+    for row in log:
+        assert math.isfinite(float(row["val_hole_loss"])) and 0 <= float(row["val_hole_acc"]) <= 1
+        assert float(row["val_hole_loss"]) != float(row["val_loss"])
+    args = load_training_state(out / "training_state.pt")["args"]
+    assert (args["train_masks"], args["hole_mask_prob"]) == ("mix", 0.7)
+
+
+def test_resume_refuses_other_train_masks_and_continues_a_state_saved_before_them(tiny, tmp_path, shared_cache,
+                                                                                  capsys):
+    out = tmp_path / "run"
+    assert run(tiny, out, "--epochs", 2, "--max-steps", 5, cache=shared_cache) == 0  # epoch 1 logged, then 1 step
+    state_path = out / "training_state.pt"
+    state = load_training_state(state_path)
+    for flag in ("train_masks", "hole_mask_prob"):  # as saved before the flags existed
+        del state["args"][flag]
+    atomic_save(state, state_path)
+    lines = (out / "log.csv").read_text().splitlines()
+    (out / "log.csv").write_text("\n".join(",".join(ln.split(",")[:7]) for ln in lines) + "\n")
+    argv = ["--MaskGitConfig", str(tiny.maskgit_config), "--checkpoint-path", str(out), "--device", "cpu",
+            "--batch-size", "4", "--epochs", "2", "--token-cache", str(shared_cache), "--resume"]
+    err = one_line_error(training_transformer.main, argv + ["--train-masks", "mix"], capsys)
+    assert "--train-masks was uniform in the saved run, now mix; pass the same value" in err
+    err = one_line_error(training_transformer.main, argv + ["--hole-mask-prob", "0.3"], capsys)
+    assert "--hole-mask-prob was 0.5 in the saved run, now 0.3" in err
+    assert run(tiny, out, "--epochs", 2, "--resume", cache=shared_cache) == 0
+    log = read_log(out / "log.csv")
+    assert [r["epoch"] for r in log] == ["1", "2"] and log[0]["val_hole_loss"] == "nan"
+    assert math.isfinite(float(log[1]["val_hole_loss"]))

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader
 from models.VQGAN import VQGAN, load_vqgan_config
 from models.VQGAN_Transformer import MaskGit, decoding_choices, load_maskgit_config
 from sampler.maskgit_sampler import inpaint
+from training.train_masks import DEFAULT_HOLE_MASK_PROB, DEFAULT_TRAIN_MASKS
 from training.transformer import TokenData, TransformerTrainer
 from training.transformer import validate as token_validate
 from training.vqgan import VQGANTrainer, images_to_device, random_hflip
@@ -403,7 +404,8 @@ class Campaign:
                                   learning_rate=size.transformer_lr, betas=r["betas"], weight_decay=r["weight_decay"],
                                   warmup_steps=0, label_smoothing=r["label_smoothing"], grad_clip=r["grad_clip"],
                                   ema_decay=r["ema_decay"], amp=s.amp, compile=s.compile, seed=s.seed, max_steps=0,
-                                  ckpt_interval=0, save_per_epoch=1)
+                                  ckpt_interval=0, save_per_epoch=1, train_masks=DEFAULT_TRAIN_MASKS,
+                                  hole_mask_prob=DEFAULT_HOLE_MASK_PROB)
         env = DistEnv(0, 1, s.device)
         budget = self.budget("transformer", later=len(HOLE_SETS) * s.minutes["inpaint"])
         log = LossLog(budget)

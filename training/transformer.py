@@ -24,6 +24,7 @@ from tqdm import tqdm
 from models.Transformer import BidirectionalTransformer
 from models.VQGAN_Transformer import MaskGit, masked_correct
 from training.token_cache import load_token_cache
+from training.train_masks import DEFAULT_HOLE_MASK_PROB, DEFAULT_TRAIN_MASKS, TrainingMasks, val_hole_masks
 from utils.checkpoint import TRAINING_STATE_TAG, atomic_save, load_state_dict_strict, rng_state, set_rng_state
 from utils.cli import EXIT_INTERRUPTED, TrainingStopped, UserError
 from utils.config import ConfigError, load_config
@@ -31,9 +32,13 @@ from utils.precision import autocast
 from utils.train_utils import (EMA, CSVLog, DistEnv, GracefulInterrupt, all_gather_object, all_reduce_sum,
                                check_finite_weights, diverged, warmup_cosine)
 
-LOG_FIELDS = ["epoch", "step", "train_loss", "val_loss", "val_acc", "lr", "seconds"]
+# val_loss/val_acc: the fixed uniform MVTM masks; val_hole_*: the fixed whole-hole masks (added last, so that the
+# older columns keep their places)
+LOG_FIELDS = ["epoch", "step", "train_loss", "val_loss", "val_acc", "lr", "seconds", "val_hole_loss", "val_hole_acc"]
 # flags that shape the sequence of batches; --resume refuses to continue a run with different values
-RUN_SHAPE_FLAGS = ["batch_size", "accum_grad", "partial", "seed", "start_from_epoch"]
+RUN_SHAPE_FLAGS = ["batch_size", "accum_grad", "partial", "seed", "start_from_epoch", "train_masks", "hole_mask_prob"]
+# flags added after training states were first saved: a state without one ran with this value
+LATER_FLAGS = {"train_masks": DEFAULT_TRAIN_MASKS, "hole_mask_prob": DEFAULT_HOLE_MASK_PROB}
 # the recipe for the lab-size transformer; a config's optional train_param section replaces it for the model it
 # sizes (configs/MaskGit_small.yml: what a CPU finishes), and flags replace both
 TRAIN_DEFAULTS: dict[str, int | float] = {"epochs": 100, "batch_size": 32, "learning_rate": 1e-4, "warmup_steps": 1000}
@@ -57,11 +62,12 @@ def train_defaults(config_path: str | Path) -> dict[str, int | float]:
 def check_resume(state: dict[str, Any], args: argparse.Namespace, world_size: int) -> None:
     """Refuse to continue a saved run with flags that would change its sequence of batches. A run started with
     --start-from-epoch N resumes with --resume alone: N is taken from the saved state."""
+    saved = {**LATER_FLAGS, **state["args"]}
     if not args.start_from_epoch:
-        args.start_from_epoch = state["args"]["start_from_epoch"]
+        args.start_from_epoch = saved["start_from_epoch"]
     for flag in RUN_SHAPE_FLAGS:
-        if state["args"][flag] != getattr(args, flag):
-            raise UserError(f"--resume: --{flag.replace('_', '-')} was {state['args'][flag]} in the saved run, "
+        if saved[flag] != getattr(args, flag):
+            raise UserError(f"--resume: --{flag.replace('_', '-')} was {saved[flag]} in the saved run, "
                             f"now {getattr(args, flag)}; pass the same value")
     if state["world_size"] != world_size:
         raise UserError(f"--resume: the saved run used {state['world_size']} processes, now {world_size}")
@@ -70,45 +76,50 @@ def check_resume(state: dict[str, Any], args: argparse.Namespace, world_size: in
 @dataclass
 class TokenData:
     """What training reads, on the training device: the training sequences (a fixed --partial subset, and the
-    flipped copy of each) and the validation tokens with their fixed masks."""
+    flipped copy of each) and the validation tokens with their fixed masks: uniform MVTM masks, and (when asked
+    for: drawing the strokes takes seconds) whole-hole masks (training.train_masks.val_hole_masks)."""
     train: torch.Tensor
     val_target: torch.Tensor
-    val_corrupted: torch.Tensor
     val_mask: torch.Tensor
+    val_hole_mask: torch.Tensor | None = None
 
     @classmethod
     def from_cache(cls, cache_path: str | Path, maskgit: MaskGit, partial: float, seed: int,
                    device: torch.device) -> "TokenData":
+        """A token cache's tokens, with both kinds of val masks (training_transformer.py logs both)."""
         cache = load_token_cache(cache_path)
-        return cls.from_tokens(cache.train, cache.train_flip, cache.val, maskgit, partial, seed, device)
+        return cls.from_tokens(cache.train, cache.train_flip, cache.val, maskgit, partial, seed, device, holes=True)
 
     @classmethod
     def from_tokens(cls, train: torch.Tensor, train_flip: torch.Tensor, val: torch.Tensor, maskgit: MaskGit,
-                    partial: float, seed: int, device: torch.device) -> "TokenData":
+                    partial: float, seed: int, device: torch.device, holes: bool = False) -> "TokenData":
         """Token ids of train, of its mirror images and of val (e.g. a token cache's, or tokens made in memory)."""
         subset = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
         subset = subset[:max(1, round(partial * len(train)))].to(train.device)
-        return replace(cls.for_validation(val, maskgit, device),
+        return replace(cls.for_validation(val, maskgit, device, holes),
                        train=torch.cat([train[subset], train_flip[subset]]).to(device))
 
     @classmethod
-    def for_validation(cls, val: torch.Tensor, maskgit: MaskGit, device: torch.device) -> "TokenData":
+    def for_validation(cls, val: torch.Tensor, maskgit: MaskGit, device: torch.device,
+                       holes: bool = False) -> "TokenData":
         """The val tokens with their fixed masks and no training sequences: to validate a trained transformer."""
-        corrupted, mask = maskgit.mask_tokens(val.long(), torch.Generator().manual_seed(VAL_MASK_SEED))
-        val, corrupted, mask = (t.to(device) for t in (val, corrupted, mask))
-        return cls(val[:0], val, corrupted, mask)
+        mask = maskgit.mask_tokens(val.long(), torch.Generator().manual_seed(VAL_MASK_SEED))[1]
+        hole_mask = val_hole_masks(len(val), maskgit.latent_resolution).to(device) if holes else None
+        return cls(val[:0].to(device), val.to(device), mask.to(device), hole_mask)
 
 
 @torch.no_grad()
 def validate(model: BidirectionalTransformer, data: TokenData, batch_size: int, env: DistEnv,
-             amp: str) -> tuple[float, float]:
-    """(cross-entropy without label smoothing, accuracy) over the masked val tokens, split over the ranks."""
+             amp: str, holes: bool = False) -> tuple[float, float]:
+    """(cross-entropy without label smoothing, accuracy) over the masked val tokens, split over the ranks: those of
+    the fixed uniform masks, or with `holes` those of the fixed whole-hole masks."""
     model.eval()
+    masks = data.val_hole_mask if holes else data.val_mask
     loss_sum = correct = count = 0.0
     for i in range(env.rank * batch_size, len(data.val_target), env.world_size * batch_size):
-        t, m = data.val_target[i:i + batch_size].long(), data.val_mask[i:i + batch_size]
+        t, m = data.val_target[i:i + batch_size].long(), masks[i:i + batch_size]
         with autocast(env.device, amp):
-            logits = model(data.val_corrupted[i:i + batch_size].long())
+            logits = model(t.masked_fill(m, model.mask_token_id))
         c, n = masked_correct(logits, t, m)
         loss_sum += MaskGit.loss(logits, t, m).item() * n
         correct, count = correct + c, count + n
@@ -161,13 +172,15 @@ class TransformerTrainer:
         self.forward_model = torch.compile(self.ddp_model) if args.compile else self.ddp_model  # saved: self.model
         self.ema = EMA(self.model, args.ema_decay)
         self.progress = Progress(args.start_from_epoch)
+        self.masks = TrainingMasks(maskgit, args.train_masks, args.hole_mask_prob, args.seed, env.device)
 
     def summary(self) -> str:
         a, env = self.args, self.env
         return (f"transformer {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M params | "
                 f"{len(self.data.train)} train sequences (with flips), {len(self.data.val_target)} val | "
                 f"{env.world_size} process(es) x batch {a.batch_size} x accum {a.accum_grad} | "
-                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} total | device {env.device}, "
+                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} total | train masks {a.train_masks}"
+                f"{f' (hole mask prob {a.hole_mask_prob})' if a.train_masks == 'mix' else ''} | device {env.device}, "
                 f"{'bf16' if a.amp == 'bf16' else 'fp32'}")
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -208,7 +221,7 @@ class TransformerTrainer:
         for micro in range(a.accum_grad):
             first = (self.progress.step_in_epoch * a.accum_grad + micro) * a.batch_size
             target = self.data.train[order[first:first + a.batch_size]].long()
-            corrupted, mask = self.maskgit.mask_tokens(target)
+            corrupted, mask = self.masks(target)
             last_micro = micro == a.accum_grad - 1
             with nullcontext() if last_micro or not env.distributed else self.ddp_model.no_sync():
                 with autocast(env.device, a.amp):
@@ -287,6 +300,7 @@ class TransformerTrainer:
         """Validate the EMA weights, save them, log the epoch and save a state; returns the epoch's summary."""
         a, p = self.args, self.progress
         val_loss, val_acc = validate(self.ema.module, self.data, a.batch_size, self.env, a.amp)
+        hole_loss, hole_acc = validate(self.ema.module, self.data, a.batch_size, self.env, a.amp, holes=True)
         train_loss = p.loss_sum / max(1, p.loss_count)
         self.progress = Progress(p.epoch + 1, p.step)
         self.save_weights("last", raw=True)
@@ -294,10 +308,12 @@ class TransformerTrainer:
             self.save_weights(f"epoch_{self.progress.epoch}", raw=False)
         if self.env.is_main:
             log.write({"epoch": self.progress.epoch, "step": p.step, "train_loss": train_loss, "val_loss": val_loss,
-                       "val_acc": val_acc, "lr": self.scheduler.get_last_lr()[0], "seconds": time.time() - started})
+                       "val_acc": val_acc, "lr": self.scheduler.get_last_lr()[0], "seconds": time.time() - started,
+                       "val_hole_loss": hole_loss, "val_hole_acc": hole_acc})
         self.save_state()
         return (f"epoch {self.progress.epoch}: train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
-                f"val_acc {val_acc:.4f}  ({time.time() - started:.0f} s)")
+                f"val_acc {val_acc:.4f}  val_hole_loss {hole_loss:.4f}  val_hole_acc {hole_acc:.4f}  "
+                f"({time.time() - started:.0f} s)")
 
     def fit(self, log: CSVLog, say: Callable[[str], None]) -> tuple[BidirectionalTransformer, BidirectionalTransformer]:
         """Epochs until --epochs (or --max-steps, or Ctrl-C: state saved); returns the raw and the EMA transformer."""

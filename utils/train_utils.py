@@ -205,7 +205,8 @@ def atomic_write_text(text: str, path: str | Path) -> None:
 
 
 class CSVLog:
-    """A per-epoch CSV log rewritten atomically on every row; on resume, rows after the resumed epoch are dropped."""
+    """A per-epoch CSV log rewritten atomically on every row; on resume, rows after the resumed epoch are dropped.
+    A log written before columns were added at the end keeps its rows, with nan in the new columns."""
 
     def __init__(self, path: str | Path, fields: Sequence[str], keep_until_epoch: int | None = None) -> None:
         self.path = Path(path)
@@ -213,8 +214,10 @@ class CSVLog:
         self.lines = [",".join(self.fields)]
         if keep_until_epoch is not None and self.path.is_file():
             old = self.path.read_text().splitlines()
-            if old and old[0] == self.lines[0]:
-                self.lines += [ln for ln in old[1:] if ln and int(ln.split(",")[0]) <= keep_until_epoch]
+            old_fields = old[0].split(",") if old else []
+            if old_fields and self.fields[:len(old_fields)] == old_fields:
+                pad = ",nan" * (len(self.fields) - len(old_fields))
+                self.lines += [ln + pad for ln in old[1:] if ln and int(ln.split(",")[0]) <= keep_until_epoch]
 
     def write(self, row: dict[str, Any]) -> None:
         def fmt(v: Any) -> str:

@@ -1,0 +1,90 @@
+"""Inpainting-aware training masks (training_transformer.py --train-masks) and the fixed val hole masks.
+
+MaskGIT's MVTM rule masks random tokens anywhere, but every hole the sampler fills is a coherent region. A hole
+sample takes a stroke or box hole (utils.masks), its unknown tokens H by the lab's latent rule (sampler.latent_mask)
+and masks max(1, ceil(gamma(r) * |H|)) random tokens of H (MaskGit.mask_tokens inside a region): gamma(r) near 1
+is the whole hole, as at decoding step 0; smaller values leave part of it known, as at later steps. The hole
+rule lives here, not beside mask_tokens, because models/ may not import the sampler's latent rule; models/ keeps
+the one MVTM rule, which here only gets a region.
+
+stroke_mask takes 10-20 ms a hole, far too slow per sample, so the holes are drawn once into a bank from --seed;
+each sample then picks an entry and one of its 8 flips/transposes with torch's RNG, which the training state
+saves, so --resume continues exactly.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models.VQGAN_Transformer import MaskGit
+from sampler.latent_mask import latent_known_mask
+from utils.masks import HOLE_KINDS, val_holes
+
+# --train-masks: the hole kinds each choice draws from (uniform: none, MVTM everywhere; mix: stroke or box 50/50)
+TRAIN_MASKS = {"uniform": (), "strokes": ("stroke",), "boxes": ("box",), "mix": ("stroke", "box")}
+DEFAULT_TRAIN_MASKS = "uniform"
+DEFAULT_HOLE_MASK_PROB = 0.5  # --hole-mask-prob: with mix, the share of samples that take a hole
+# bank entries per kind (times 8 flips/transposes): 256 strokes take about 3 s on one CPU core, 2048 boxes 0.3 s
+BANK_SIZE = {"stroke": 256, "box": 2048}
+HOLE_BANK_SEED = 20240  # with --seed, the entropy of the training holes: none of them is a val or test hole
+
+
+def latent_holes(pixel_holes: np.ndarray, latent_resolution: int) -> torch.Tensor:
+    """Pixel holes bool [M, H, W] (True = hole) -> their unknown tokens bool [M, latent_resolution**2]: every token
+    with a hole pixel."""
+    return ~latent_known_mask(torch.from_numpy(~pixel_holes), latent_resolution)
+
+
+def hole_bank(kind: str, seed: int, latent_resolution: int) -> torch.Tensor:
+    """BANK_SIZE[kind] latent holes of one kind of utils.masks.HOLE_KINDS, fixed by `seed`: bool [M, N]."""
+    entropy = [HOLE_BANK_SEED, list(HOLE_KINDS).index(kind), seed % 2 ** 32]
+    rng = np.random.default_rng(entropy)
+    return latent_holes(np.stack([HOLE_KINDS[kind](rng) for _ in range(BANK_SIZE[kind])]), latent_resolution)
+
+
+def val_hole_masks(n: int, latent_resolution: int) -> torch.Tensor:
+    """The fixed whole-hole masks of the first `n` val images, bool [n, N]: the first half take their stroke hole,
+    the rest their box hole of utils.masks.val_holes (the holes experiments.py --split val fills)."""
+    strokes = (n + 1) // 2
+    holes = np.concatenate([val_holes("stroke", strokes), val_holes("box", n)[strokes:]])
+    return latent_holes(holes, latent_resolution)
+
+
+class TrainingMasks:
+    """The masks of one training batch by the --train-masks rule: uniform (MaskGIT's MVTM), strokes or boxes
+    (every sample inside a hole of that kind) or mix (each sample inside a hole with probability `hole_prob`,
+    stroke or box 50/50, else uniform). A sample whose hole covers no token falls back to the uniform rule."""
+
+    def __init__(self, maskgit: MaskGit, mode: str, hole_prob: float, seed: int, device: torch.device) -> None:
+        self.maskgit, self.mode, self.hole_prob = maskgit, mode, hole_prob
+        kinds = TRAIN_MASKS[mode]
+        banks = [hole_bank(kind, seed, maskgit.latent_resolution) for kind in kinds]
+        self.bank = torch.cat(banks).to(device) if banks else None  # the kinds one after the other
+        sizes = torch.tensor([len(b) for b in banks], dtype=torch.long)
+        self.sizes = sizes.to(device)
+        self.offsets = (sizes.cumsum(0) - sizes).to(device)
+
+    def holes(self, b: int, device: torch.device) -> torch.Tensor:
+        """`b` latent holes bool [b, N]: a kind, an entry of its bank and a flip/transpose, each drawn per sample."""
+        kind = torch.randint(len(self.sizes), (b,), device=device)
+        entry = self.offsets[kind] + (torch.rand(b, device=device) * self.sizes[kind]).long()
+        side = self.maskgit.latent_resolution
+        holes = self.bank[entry].view(b, side, side)
+        flip = torch.rand(b, 3, device=device)[:, :, None, None] < 0.5
+        holes = torch.where(flip[:, 0], holes.flip(-1), holes)
+        holes = torch.where(flip[:, 1], holes.flip(-2), holes)
+        return torch.where(flip[:, 2], holes.transpose(-1, -2), holes).flatten(1)
+
+    def __call__(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids [B, N] -> (corrupted ids, mask bool [B, N]); uniform draws exactly MaskGit.mask_tokens."""
+        corrupted, mask = self.maskgit.mask_tokens(target)
+        if self.bank is None:
+            return corrupted, mask
+        b, device = len(target), target.device
+        use = torch.rand(b, device=device) < self.hole_prob if self.mode == "mix" else \
+            torch.ones(b, dtype=torch.bool, device=device)
+        holes = self.holes(b, device)
+        use &= holes.any(dim=1)
+        hole_mask = self.maskgit.mask_tokens(target, region=holes)[1]
+        mask = torch.where(use[:, None], hole_mask, mask)
+        return target.masked_fill(mask, self.maskgit.mask_token_id), mask

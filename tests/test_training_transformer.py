@@ -25,7 +25,7 @@ from training.train_masks import BANK_SIZE, TrainingMasks, latent_holes
 from training.transformer import VAL_MASK_SEED, TokenData
 from utils.checkpoint import TRAINING_STATE_TAG, atomic_save, load_training_state, load_weights
 from utils.data import ImageFolderDataset
-from utils.masks import val_holes
+from utils.masks import fixed_holes
 
 
 @pytest.fixture(scope="module")
@@ -304,7 +304,7 @@ def test_box_train_masks_draw_boxes_only(maskgit):
 def test_val_hole_masks_are_the_fixed_val_holes_and_the_uniform_ones_unchanged(maskgit):
     val = torch.randint(0, 32, (5, 256), dtype=torch.int16)
     data = TokenData.for_validation(val, maskgit, torch.device("cpu"), holes=True)
-    expected = latent_holes(np.concatenate([val_holes("stroke", 3), val_holes("box", 5)[3:]]), 16)
+    expected = latent_holes(np.concatenate([fixed_holes("stroke", 3), fixed_holes("box", 5)[3:]]), 16)
     assert torch.equal(data.val_hole_mask, expected) and expected.any(1).all()
     uniform = maskgit.mask_tokens(val.long(), torch.Generator().manual_seed(VAL_MASK_SEED))[1]
     assert torch.equal(data.val_mask, uniform)

@@ -18,7 +18,7 @@ import torch
 
 from models.VQGAN_Transformer import MaskGit
 from sampler.latent_mask import latent_known_mask
-from utils.masks import HOLE_KINDS, val_holes
+from utils.masks import HOLE_KINDS, fixed_holes
 
 # --train-masks: the hole kinds each choice draws from (uniform: none, MVTM everywhere; mix: stroke or box 50/50)
 TRAIN_MASKS = {"uniform": (), "strokes": ("stroke",), "boxes": ("box",), "mix": ("stroke", "box")}
@@ -44,9 +44,9 @@ def hole_bank(kind: str, seed: int, latent_resolution: int) -> torch.Tensor:
 
 def val_hole_masks(n: int, latent_resolution: int) -> torch.Tensor:
     """The fixed whole-hole masks of the first `n` val images, bool [n, N]: the first half take their stroke hole,
-    the rest their box hole of utils.masks.val_holes (the holes experiments.py --split val fills)."""
+    the rest their box hole of utils.masks.fixed_holes (the holes experiments.py --split val fills)."""
     strokes = (n + 1) // 2
-    holes = np.concatenate([val_holes("stroke", strokes), val_holes("box", n)[strokes:]])
+    holes = np.concatenate([fixed_holes("stroke", strokes), fixed_holes("box", n)[strokes:]])
     return latent_holes(holes, latent_resolution)
 
 

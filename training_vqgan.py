@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--disc-start", type=int, default=None, help="step at which the GAN loss starts")
+    p.add_argument("--lr-decay", type=int, nargs=2, default=None, metavar=("START", "END"),
+                   help="cosine decay of the learning rate from step START to 5%% of it at step END (e.g. the last "
+                        "steps of a run, to settle the weights); pass the same values when resuming")
     p.add_argument("--partial", type=float, default=1.0, help="fraction of the training set to use")
     p.add_argument("--ckpt-interval", type=int, default=500, help="write a training state every N steps")
     p.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="bf16 autocast, none (fp32), or auto: bf16 where it is faster")
@@ -67,7 +70,7 @@ def training_params(cfg: dict, args: argparse.Namespace) -> dict:
     """The config's train_param with the flags that override it."""
     tp = {**TRAIN_DEFAULTS, **(cfg.get("train_param") or {})}
     for key, flag in [("batch_size", args.batch_size), ("learning_rate", args.learning_rate),
-                      ("disc_start", args.disc_start)]:
+                      ("disc_start", args.disc_start), ("lr_decay", args.lr_decay)]:
         if flag is not None:
             tp[key] = flag
     return tp
@@ -79,6 +82,8 @@ def run(args: argparse.Namespace) -> None:
     tp = training_params(cfg, args)
     if not 0 < args.partial <= 1:
         raise UserError(f"--partial {args.partial}: must be in (0, 1]")
+    if args.lr_decay is not None and not 0 <= args.lr_decay[0] < args.lr_decay[1]:
+        raise UserError(f"--lr-decay {args.lr_decay[0]} {args.lr_decay[1]}: need 0 <= START < END")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: CUDA is not available; use --device cpu")

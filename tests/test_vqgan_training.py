@@ -9,7 +9,7 @@ import torch
 
 from test_vqgan import TINY
 from models.VQGAN import VQGAN
-from training.vqgan import VQGANTrainer, validate
+from training.vqgan import LR_DECAY_FLOOR, VQGANTrainer, lr_factor, validate
 from utils.precision import bf16_is_fast, resolve_amp
 
 TRAIN_PARAM = dict(batch_size=4, learning_rate=1e-3, disc_start=3, disc_base_channels=8, dead_code_window=2)
@@ -112,3 +112,17 @@ def test_auto_precision_is_bf16_exactly_where_bf16_is_fast():
     assert resolve_amp("bf16", "cpu") == "bf16" and resolve_amp("none", "cpu") == "none"
     with pytest.raises(ValueError, match="choose one of"):
         resolve_amp("fp16", "cpu")
+
+
+def test_lr_decay_is_a_cosine_from_start_to_end_applied_to_both_optimizers():
+    assert lr_factor(5, None) == 1.0 and lr_factor(10, (10, 20)) == 1.0
+    factors = [lr_factor(s, (10, 20)) for s in range(10, 25)]
+    assert all(a > b for a, b in zip(factors[:11], factors[1:11]))  # strictly falling from start to end
+    assert factors[5] == pytest.approx((1 + LR_DECAY_FLOOR) / 2) and factors[10:] == [LR_DECAY_FLOOR] * 5
+    torch.manual_seed(0)
+    trainer = VQGANTrainer(TINY, {**TRAIN_PARAM, "lr_decay": (1, 3)}, torch.device("cpu"), amp="none")
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    for _ in range(5):
+        trainer.train_step(x)
+    rates = [g["lr"] for opt in (trainer.opt, trainer.opt_d) for g in opt.param_groups]
+    assert rates == pytest.approx([TRAIN_PARAM["learning_rate"] * LR_DECAY_FLOOR] * 2)  # step 4 is past the end

@@ -18,7 +18,19 @@ from utils.image import denormalize, normalize, uint8_to_tensor
 from utils.precision import autocast, conv_memory_format, resolve_amp
 
 TRAIN_DEFAULTS = dict(batch_size=32, learning_rate=2e-4, betas=[0.5, 0.9], weight_decay=0.0, l1_weight=1.0,
-                      l2_weight=1.0, disc_start=4000, disc_weight=0.1, disc_base_channels=64, dead_code_window=200)
+                      l2_weight=1.0, disc_start=4000, disc_weight=0.1, disc_base_channels=64, dead_code_window=200,
+                      lr_decay=None)
+LR_DECAY_FLOOR = 0.05  # the learning rate at the end of a decay, as a fraction of the base rate
+
+
+def lr_factor(step: int, decay: tuple[int, int] | None) -> float:
+    """The learning-rate multiplier at `step`: 1, then with decay = (start, end) a half cosine from 1 at step start
+    down to LR_DECAY_FLOOR at step end, and the floor after it. A pure function of the step, so a resumed run
+    continues the same schedule."""
+    if decay is None or step <= decay[0]:
+        return 1.0
+    progress = min(1.0, (step - decay[0]) / max(1, decay[1] - decay[0]))
+    return LR_DECAY_FLOOR + (1 - LR_DECAY_FLOOR) * 0.5 * (1 + np.cos(np.pi * progress))
 
 
 def load_images(folder: str, split: str, device: torch.device) -> torch.Tensor:
@@ -112,6 +124,9 @@ class VQGANTrainer:
         losses. A non-finite loss raises FloatingPointError before any weight changes."""
         tp, model = self.tp, self.model
         use_gan = self.step >= tp["disc_start"]
+        for opt in (self.opt, self.opt_d):
+            for group in opt.param_groups:
+                group["lr"] = tp["learning_rate"] * lr_factor(self.step, tp["lr_decay"])
         with autocast(self.device, self.amp):
             z = model.encode_continuous(x)
             z_q, idx, q_loss = model.codebook(z)

@@ -14,6 +14,7 @@ Outputs (under --output-dir):
                         dotted
   decoding_figure.png   the first --figure-images test images decoded with every schedule (T = the largest
                         --total-iters): the latent mask and the image after every step
+  faces.png             the first --faces images side by side: masked input, the fill of the first setting, truth
 Every setting re-seeds its generator with --seed, so a row does not depend on which rows ran before it.
 --split val runs the study on the val images with stroke holes drawn from a fixed seed (utils.masks.fixed_holes), the same
 kind of masks as the test set's: choose the decoding there and keep the test split for the final table.
@@ -37,7 +38,7 @@ import itertools
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
@@ -63,9 +64,11 @@ from utils.masks import fixed_holes
 from utils.precision import resolve_amp
 from utils.train_utils import atomic_write_text
 
-FIELDS = ["method", "schedule", "T", "sweet_spot", "sweet_spot_flag", "decoding", "ordering", "pixel_guidance",
-          "seam_blend", "fid", "seconds", "images", "seed", "split", "holes"]
-LATER_FIELDS = ("ordering", "holes")  # added after the first results.csv files: read_results fills them in
+FIELDS = ["method", "schedule", "T", "sweet_spot", "sweet_spot_flag", "decoding", "ordering", "temperature",
+          "choice_temperature", "pixel_guidance", "seam_blend", "fid", "seconds", "images", "seed", "split", "holes"]
+# added after the first results.csv files; read_results fills them in with what those rows were measured with
+# (every config had choice_temperature 4.5 and no temperature key then)
+LATER_FIELDS = {"ordering": "confidence", "temperature": "1", "choice_temperature": "4.5", "holes": "strokes"}
 HOLES = {"strokes": "stroke", "boxes": "box"}  # --holes -> utils.masks hole kind
 REFERENCES = {"telea": "OpenCV Telea (radius 3)", "oracle": "oracle: ground-truth tokens",
               "oracle_blend": "oracle + seam blend", "masked_input": "masked input as is",
@@ -86,6 +89,8 @@ class Setting:
     pixel_guidance: float = 0.0
     seam_blend: bool = False
     ordering: str = "confidence"
+    temperature: str = "1"  # a temperature_flag
+    choice_temperature: float = 4.5
 
     @property
     def sweet_spot(self) -> int:
@@ -94,32 +99,36 @@ class Setting:
     @property
     def key(self) -> tuple[str, ...]:
         return ("maskgit", self.schedule, str(self.total_iter), self.sweet_spot_flag, self.decoding, self.ordering,
-                str(self.pixel_guidance), on_off(self.seam_blend))
+                self.temperature, str(self.choice_temperature), str(self.pixel_guidance), on_off(self.seam_blend))
 
     def inpaint_kwargs(self) -> dict[str, object]:
         """This setting as keyword arguments of sampler.maskgit_sampler.inpaint."""
+        temperature, final_temperature = parse_temperature(self.temperature)
         return dict(total_iter=self.total_iter, gamma_type=self.schedule, sweet_spot=self.sweet_spot,
                     argmax=self.decoding == "argmax", pixel_guidance=self.pixel_guidance, seam_blend=self.seam_blend,
-                    ordering=self.ordering)
+                    ordering=self.ordering, temperature=temperature, final_temperature=final_temperature,
+                    choice_temperature=self.choice_temperature)
 
     def row(self, images: int, seed: int, split: str, holes: str) -> dict[str, object]:
         """Its results.csv row, without fid and seconds."""
         return dict(method="maskgit", schedule=self.schedule, T=self.total_iter, sweet_spot=self.sweet_spot,
                     sweet_spot_flag=self.sweet_spot_flag, decoding=self.decoding, ordering=self.ordering,
+                    temperature=self.temperature, choice_temperature=self.choice_temperature,
                     pixel_guidance=self.pixel_guidance, seam_blend=on_off(self.seam_blend), images=images, seed=seed,
                     split=split, holes=holes)
 
     @property
     def label(self) -> str:
         extra = "" if self.pixel_guidance == 0 else f" guidance {self.pixel_guidance:g}"
-        return (f"{self.schedule} T={self.total_iter} sweet spot {self.sweet_spot} {self.decoding} {self.ordering}"
+        return (f"{self.schedule} T={self.total_iter} sweet spot {self.sweet_spot} {self.decoding} {self.ordering} "
+                f"temperature {self.temperature} choice temperature {self.choice_temperature:g}"
                 f"{extra}{' seam blend' if self.seam_blend else ''}")
 
 
 def reference_row(method: str, images: int, split: str, holes: str) -> dict[str, object]:
     """The results.csv row of a reference method, without fid and seconds: no decoding settings, no seed."""
     return dict(method=method, schedule="", T="", sweet_spot="", sweet_spot_flag="", decoding="", ordering="",
-                pixel_guidance="", seam_blend="", images=images, seed="", split=split, holes=holes)
+                temperature="", choice_temperature="", pixel_guidance="", seam_blend="", images=images, seed="", split=split, holes=holes)
 
 
 def on_off(flag: bool) -> str:
@@ -133,6 +142,19 @@ def sweet_spot_step(flag: str, total_iter: int) -> int:
     if "." in flag:
         return max(1, math.floor(float(flag) * total_iter + 0.5))
     return int(flag)
+
+
+def temperature_flag(temperature: float, final_temperature: float | None = None) -> str:
+    """'0.7' for a constant temperature, '1.5:0.5' for one annealed from 1.5 to 0.5 (sampler docstring)."""
+    return f"{temperature:g}" if final_temperature is None else f"{temperature:g}:{final_temperature:g}"
+
+
+def parse_temperature(flag: str) -> tuple[float, float | None]:
+    """A temperature_flag -> (temperature, final_temperature or None); ValueError if it is not one."""
+    values = [float(v) for v in flag.split(":")]
+    if not 1 <= len(values) <= 2 or not all(v > 0 for v in values):
+        raise ValueError(flag)
+    return values[0], values[1] if len(values) == 2 else None
 
 
 def sweet_spot_error(flag: str, min_total_iter: int) -> str | None:
@@ -160,6 +182,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--orderings", nargs="+", choices=ORDERINGS, default=None,
                    help="which masked tokens each step fixes (sampler docstring; default: the config's `ordering`, "
                         "else confidence)")
+    p.add_argument("--temperatures", nargs="+", default=None,
+                   help="sampling temperatures: 0.7 (constant) or 1.5:0.5 (annealed linearly over the steps; sampler "
+                        "docstring); default: the config's")
+    p.add_argument("--choice-temperatures", nargs="+", type=float, default=None,
+                   help="Gumbel noise scales of the confidence ranking (default: the config's choice_temperature)")
     p.add_argument("--pixel-guidances", nargs="+", type=float, default=None,
                    help="pixel-guidance strengths (sampler docstring; default: the config's `pixel_guidance`, else 0)")
     p.add_argument("--seam-blends", nargs="+", choices=["on", "off"], default=None,
@@ -189,6 +216,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dims", type=int, choices=[64, 192, 768, 2048], default=2048,
                    help="Inception features for FID: 2048 is standard; 64/192/768 only for quick checks")
     p.add_argument("--figure-images", type=int, default=4, help="test images in decoding_figure.png (0: no figure)")
+    p.add_argument("--faces", type=int, default=0,
+                   help="images in faces.png: masked input / fill of the first setting / truth (0: no faces.png)")
     p.add_argument("--output-dir", default="./experiments_out")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
@@ -200,6 +229,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--pixel-guidances must all be >= 0, got {min(args.pixel_guidances)}")
     if args.seam_blends is not None:
         args.seam_blends = list(dict.fromkeys(args.seam_blends))
+    if args.temperatures is not None:
+        try:
+            args.temperatures = list(dict.fromkeys(temperature_flag(*parse_temperature(f)) for f in args.temperatures))
+        except ValueError as e:
+            p.error(f"--temperatures {e}: use a temperature > 0 (e.g. 0.7) or START:END to anneal (e.g. 1.5:0.5)")
+    if args.choice_temperatures is not None:
+        args.choice_temperatures = list(dict.fromkeys(args.choice_temperatures))
+        if min(args.choice_temperatures) < 0:
+            p.error(f"--choice-temperatures must all be >= 0, got {min(args.choice_temperatures)}")
     if args.orderings is not None:
         args.orderings = list(dict.fromkeys(args.orderings))
     if min(args.total_iters) < 1:
@@ -207,17 +245,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for flag in args.sweet_spots:
         if (message := sweet_spot_error(flag, min(args.total_iters))) is not None:
             p.error(message)
-    if args.batch_size < 1 or args.figure_images < 0:
-        p.error("--batch-size must be >= 1 and --figure-images >= 0")
+    if args.batch_size < 1 or args.figure_images < 0 or args.faces < 0:
+        p.error("--batch-size must be >= 1, --figure-images and --faces >= 0")
     if not 0 < args.partial <= 1:
         p.error(f"--partial must be in (0, 1], got {args.partial}")
     return args
 
 
 def sweep(args: argparse.Namespace) -> list[Setting]:
-    return [Setting(s, t, f, d, g, b == "on", o) for s, d, o, g, b, f, t in
-            itertools.product(args.mask_funcs, args.decodings, args.orderings, args.pixel_guidances, args.seam_blends,
-                              args.sweet_spots, args.total_iters)]
+    return [Setting(s, t, f, d, g, b == "on", o, temp, c) for s, d, o, temp, c, g, b, f, t in
+            itertools.product(args.mask_funcs, args.decodings, args.orderings, args.temperatures,
+                              args.choice_temperatures, args.pixel_guidances, args.seam_blends, args.sweet_spots,
+                              args.total_iters)]
 
 
 def telea_inpaint(masked: np.ndarray, known: np.ndarray, radius: int = TELEA_RADIUS) -> np.ndarray:
@@ -284,13 +323,13 @@ class FIDScorer:
 
 
 def row_key(row: dict[str, str]) -> tuple[str, ...]:
-    return tuple(row[k] for k in ("method", "schedule", "T", "sweet_spot_flag", "decoding", "ordering",
-                                  "pixel_guidance", "seam_blend"))
+    return tuple(row[k] for k in ("method", "schedule", "T", "sweet_spot_flag", "decoding", "ordering", "temperature",
+                                  "choice_temperature", "pixel_guidance", "seam_blend"))
 
 
 def read_results(path: Path) -> list[dict[str, str]]:
-    """The rows of a results.csv; one written before a LATER_FIELDS column existed reads as the confidence ordering
-    (MaskGIT rows) and stroke holes."""
+    """The rows of a results.csv; a column of LATER_FIELDS that a file lacks reads as its value there (on MaskGIT
+    rows; reference rows have no decoding, only holes)."""
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         if reader.fieldnames != [k for k in FIELDS if k in (reader.fieldnames or []) or k not in LATER_FIELDS]:
@@ -298,8 +337,8 @@ def read_results(path: Path) -> list[dict[str, str]]:
                              "move it away or drop --resume")
         rows = list(reader)
     for row in rows:
-        row.setdefault("ordering", "confidence" if row["method"] == "maskgit" else "")
-        row.setdefault("holes", "strokes")
+        for key, value in LATER_FIELDS.items():
+            row.setdefault(key, value if row["method"] == "maskgit" or key == "holes" else "")
     return rows
 
 
@@ -345,10 +384,11 @@ def previous_rows(path: Path, resume: bool, images: int, seed: int, split: str, 
 
 
 def sorted_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """References first (in REFERENCES order), then MaskGIT rows by schedule, decoding, ordering, guidance, blend,
-    sweet spot and T."""
+    """References first (in REFERENCES order), then MaskGIT rows by schedule, decoding, ordering, temperatures,
+    guidance, blend, sweet spot and T."""
     order = [*REFERENCES, "maskgit"]
     return sorted(rows, key=lambda r: (order.index(r["method"]), r["schedule"], r["decoding"], r["ordering"],
+                                       r["temperature"], float(r["choice_temperature"] or 0),
                                        float(r["pixel_guidance"] or 0), r["seam_blend"], r["sweet_spot_flag"],
                                        int(r["T"] or 0)))
 
@@ -356,12 +396,14 @@ def sorted_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 def write_markdown(rows: list[dict[str, str]], path: Path) -> str:
     lines = [f"FID on {rows[0]['images']} {rows[0]['split']} images with {rows[0]['holes']} holes (lower is better); "
              "seconds: wall time of inpainting the set.", "",
-             "| schedule | T | sweet spot | decoding | ordering | pixel guidance | seam blend | FID | seconds |",
-             "| --- | ---: | ---: | --- | --- | ---: | --- | ---: | ---: |"]
+             "| schedule | T | sweet spot | decoding | ordering | temperature | choice temperature | pixel guidance "
+             "| seam blend | FID | seconds |",
+             "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | --- | ---: | ---: |"]
     for r in sorted_rows(rows):
         name = REFERENCES.get(r["method"], r["schedule"])
         lines.append(f"| {name} | {r['T'] or '-'} | {r['sweet_spot'] or '-'} | {r['decoding'] or '-'} | "
-                     f"{r['ordering'] or '-'} | {r['pixel_guidance'] or '-'} | {r['seam_blend'] or '-'} | "
+                     f"{r['ordering'] or '-'} | {r['temperature'] or '-'} | {r['choice_temperature'] or '-'} | "
+                     f"{r['pixel_guidance'] or '-'} | {r['seam_blend'] or '-'} | "
                      f"{float(r['fid']):.2f} | {float(r['seconds']):.2f} |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
@@ -369,7 +411,8 @@ def write_markdown(rows: list[dict[str, str]], path: Path) -> str:
 
 
 def plot_fid_vs_t(rows: list[dict[str, str]], path: Path) -> None:
-    """One line per (schedule, decoding, ordering, guidance, blend, sweet spot): colour = schedule, dashes = argmax,
+    """One line per (schedule, decoding, ordering, temperatures, guidance, blend, sweet spot): colour = schedule,
+    dashes = argmax,
     marker = sweet spot (hollow: halton ordering), thicker = pixel guidance or seam blend on; references as dotted
     horizontal lines."""
     fig = Figure(figsize=(7.5, 4.5))
@@ -377,12 +420,14 @@ def plot_fid_vs_t(rows: list[dict[str, str]], path: Path) -> None:
     maskgit = [r for r in sorted_rows(rows) if r["method"] == "maskgit"]
     colors = {s: f"C{i}" for i, s in enumerate(dict.fromkeys(r["schedule"] for r in maskgit))}
     markers = dict(zip(dict.fromkeys(r["sweet_spot_flag"] for r in maskgit), itertools.cycle("os^vDP*X")))
-    for (schedule, decoding, ordering, guidance, blend, flag), group in itertools.groupby(
-            maskgit, key=lambda r: (r["schedule"], r["decoding"], r["ordering"], r["pixel_guidance"], r["seam_blend"],
-                                    r["sweet_spot_flag"])):
+    for (schedule, decoding, ordering, temperature, choice, guidance, blend, flag), group in itertools.groupby(
+            maskgit, key=lambda r: (r["schedule"], r["decoding"], r["ordering"], r["temperature"],
+                                    r["choice_temperature"], r["pixel_guidance"], r["seam_blend"], r["sweet_spot_flag"])):
         group = list(group)
         improved = float(guidance) > 0 or blend == "on"
         label = (f"{schedule}, {decoding}" + ("" if ordering == "confidence" else f", {ordering}")
+                 + ("" if temperature == "1" else f", temperature {temperature}")
+                 + ("" if choice == "4.5" else f", choice temperature {choice}")
                  + ("" if flag == "T" else f", sweet spot {flag}")
                  + (f", guidance {float(guidance):g}" if float(guidance) > 0 else "")
                  + (", seam blend" if blend == "on" else ""))
@@ -409,19 +454,19 @@ def plot_fid_vs_t(rows: list[dict[str, str]], path: Path) -> None:
 
 
 def decoding_mosaic(model: MaskGit, dataset: InpaintingTestSet, gt: np.ndarray, count: int, schedules: list[str],
-                    total_iter: int, argmax: bool, seed: int, device: torch.device, pixel_guidance: float = 0.0,
-                    seam_blend: bool = False, ordering: str = "confidence") -> tuple[np.ndarray, list[str], list[str]]:
+                    setting: Setting, seed: int, device: torch.device) -> tuple[np.ndarray, list[str], list[str]]:
     """uint8 mosaic with one row per (test image, schedule), image-major: the masked input, then the latent mask
-    (white = known) and the decoded image after each of the T steps, then the ground truth. Returns it with its
-    row and column labels."""
+    (white = known) and the decoded image after each of the T steps of `setting` (its full decode, with each of the
+    schedules), then the ground truth. Returns it with its row and column labels."""
+    total_iter = setting.total_iter
     images = torch.stack([dataset[i][0] for i in range(count)]).to(device)
     known = torch.stack([dataset[i][1] for i in range(count)]).to(device)
     rows = {}
     for schedule in schedules:
         generator = torch.Generator(device).manual_seed(seed)
-        result = inpaint(model, images, known, split=dataset.split, total_iter=total_iter, gamma_type=schedule,
-                         argmax=argmax, generator=generator, amp=resolve_amp("auto", device), keep_steps=True,
-                         pixel_guidance=pixel_guidance, seam_blend=seam_blend, ordering=ordering)
+        kwargs = replace(setting, schedule=schedule, sweet_spot_flag="T").inpaint_kwargs()
+        result = inpaint(model, images, known, split=dataset.split, generator=generator,
+                         amp=resolve_amp("auto", device), keep_steps=True, **kwargs)
         masks, steps = step_tiles(model, result, list(range(count)), known, paste_back=True)
         for i in range(count):
             interleaved = np.stack([masks[i], steps[i]], axis=1).reshape(-1, *steps.shape[2:])
@@ -429,6 +474,19 @@ def decoding_mosaic(model: MaskGit, dataset: InpaintingTestSet, gt: np.ndarray, 
     row_labels = [f"{dataset.names[i]}\n{s}" for i in range(count) for s in schedules]
     col_labels = ["input", *(f"{kind} {t}" for t in range(1, total_iter + 1) for kind in ("mask", "step")), "truth"]
     return np.concatenate([rows[i, s] for i in range(count) for s in schedules]), row_labels, col_labels
+
+
+def faces_mosaic(model: MaskGit, dataset: InpaintingTestSet, gt: np.ndarray, count: int, setting: Setting, seed: int,
+                 device: torch.device) -> tuple[np.ndarray, list[str], list[str]]:
+    """uint8 mosaic of the first `count` images side by side: masked input, the fill of `setting`, ground truth (one
+    row each). Returns it with its row and column labels."""
+    images = torch.stack([dataset[i][0] for i in range(count)]).to(device)
+    known = torch.stack([dataset[i][1] for i in range(count)]).to(device)
+    generator = torch.Generator(device).manual_seed(seed)
+    result = inpaint(model, images, known, split=dataset.split, generator=generator, amp=resolve_amp("auto", device),
+                     **setting.inpaint_kwargs())
+    mosaic = np.concatenate([strip(result.masked), strip(result.images), strip(gt[:count])])
+    return mosaic, ["masked input", "our fill", "truth"], [dataset.names[i] for i in range(count)]
 
 
 def save_mosaic(mosaic: np.ndarray, row_labels: list[str], col_labels: list[str], path: Path, title: str) -> None:
@@ -490,15 +548,12 @@ def measure(make: Callable[[], np.ndarray], score: FIDScorer, row: dict[str, obj
 
 def save_decoding_figure(args: argparse.Namespace, model: MaskGit, dataset: InpaintingTestSet, gt: np.ndarray,
                          count: int, device: torch.device, path: Path) -> None:
-    """decoding_figure.png: every schedule at the largest T, with the first decoding, ordering, guidance and blend
-    asked."""
-    total_iter = max(args.total_iters)
-    mosaic, row_labels, col_labels = decoding_mosaic(
-        model, dataset, gt, count, args.mask_funcs, total_iter, args.decodings[0] == "argmax", args.seed, device,
-        args.pixel_guidances[0], args.seam_blends[0] == "on", args.orderings[0])
-    save_mosaic(mosaic, row_labels, col_labels, path, f"iterative decoding, T={total_iter}, {args.decodings[0]}, "
-                f"{args.orderings[0]} ordering, pixel guidance {args.pixel_guidances[0]:g}, seam blend "
-                f"{args.seam_blends[0]}")
+    """decoding_figure.png: every schedule at the largest T, with the first of every other setting asked."""
+    first = replace(sweep(args)[0], total_iter=max(args.total_iters))
+    mosaic, row_labels, col_labels = decoding_mosaic(model, dataset, gt, count, args.mask_funcs, first, args.seed,
+                                                     device)
+    save_mosaic(mosaic, row_labels, col_labels, path, f"iterative decoding, {args.holes} holes, "
+                f"{first.label.split(' ', 1)[1].replace(' sweet spot ' + str(first.sweet_spot), '', 1)}")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -517,6 +572,10 @@ def run(args: argparse.Namespace) -> None:
         args.seam_blends = [on_off(defaults["seam_blend"])]
     if args.orderings is None:
         args.orderings = [defaults["ordering"]]
+    if args.temperatures is None:
+        args.temperatures = [temperature_flag(defaults["temperature"], defaults["final_temperature"])]
+    if args.choice_temperatures is None:
+        args.choice_temperatures = [float(cfg["choice_temperature"])]
     model = MaskGit(cfg).to(device).eval()
     if not args.only_references:
         model.load_transformer_checkpoint(transformer_ckpt_path(cfg, args.load_transformer_ckpt_path))
@@ -547,10 +606,17 @@ def run(args: argparse.Namespace) -> None:
     if figure:
         save_decoding_figure(args, model, dataset, gt, min(args.figure_images, n), device,
                              out_dir / "decoding_figure.png")
+    faces = not args.only_references and args.faces > 0
+    if faces:
+        first = sweep(args)[0]
+        mosaic, row_labels, col_labels = faces_mosaic(model, dataset, gt, min(args.faces, n), first, args.seed, device)
+        save_mosaic(mosaic, row_labels, col_labels, out_dir / "faces.png",
+                    f"{args.split} faces, {args.holes} holes: {first.label}")
     rows = read_results(csv_path)
     print(write_markdown(rows, out_dir / "results.md"), end="")
     plot_fid_vs_t(rows, out_dir / "fid_vs_T.png")
-    print(f"wrote results.csv, results.md, fid_vs_T.png{', decoding_figure.png' if figure else ''} in {out_dir}")
+    pictures = "".join(f", {name}" for name, made in (("decoding_figure.png", figure), ("faces.png", faces)) if made)
+    print(f"wrote results.csv, results.md, fid_vs_T.png{pictures} in {out_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,7 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--decoding", choices=DECODINGS, default=None,
                    help="sample each token or take the most likely one (default: the config's `decoding`, else sample)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the token distribution")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature of the token distribution (default: the config's `temperature`, else 1)")
+    p.add_argument("--final-temperature", type=float, default=None,
+                   help="anneal the temperature linearly to this at the last step (sampler docstring; default: the "
+                        "config's `final_temperature`, else none: constant)")
     p.add_argument("--ordering", choices=ORDERINGS, default=None,
                    help="which masked tokens each step fixes: the most confident or the next in a Halton order of "
                         "the grid (sampler docstring; default: the config's `ordering`, else confidence)")
@@ -87,8 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--batch-size must be >= 1, --num_workers and --visualize >= 0")
     if not 0 < args.partial <= 1:
         p.error(f"--partial must be in (0, 1], got {args.partial}")
-    if args.temperature <= 0 or (args.choice_temperature is not None and args.choice_temperature < 0):
-        p.error("--temperature must be > 0 and --choice-temperature >= 0")
+    if any(t is not None and not t > 0 for t in (args.temperature, args.final_temperature)) or (
+            args.choice_temperature is not None and args.choice_temperature < 0):
+        p.error("--temperature and --final-temperature must be > 0 and --choice-temperature >= 0")
     if args.pixel_guidance is not None and args.pixel_guidance < 0:
         p.error(f"--pixel-guidance must be >= 0, got {args.pixel_guidance}")
     if args.seam_blend and args.no_paste_back:
@@ -130,8 +135,8 @@ def inpaint_test_set(args: argparse.Namespace, model: MaskGit, dataset: Dataset,
         rows = [r for r, i in enumerate(index) if i < args.visualize]
         images, known = images.to(device), known.to(device)
         result = inpaint(model, images, known, paste_back=not args.no_paste_back, total_iter=args.total_iter,
-                         gamma_type=args.mask_func, sweet_spot=args.sweet_spot, temperature=args.temperature,
-                         choice_temperature=args.choice_temperature, argmax=settings["decoding"] == "argmax",
+                         gamma_type=args.mask_func, sweet_spot=args.sweet_spot, temperature=settings["temperature"],
+                         final_temperature=settings["final_temperature"], choice_temperature=args.choice_temperature, argmax=settings["decoding"] == "argmax",
                          generator=generator, amp="none" if args.fp32 else resolve_amp("auto", device),
                          keep_steps=bool(rows), pixel_guidance=settings["pixel_guidance"],
                          seam_blend=settings["seam_blend"], ordering=settings["ordering"])

@@ -50,9 +50,9 @@ def load_maskgit_config(path: str | Path) -> dict[str, Any]:
 
 
 def decoding_choices(cfg: dict[str, Any], path: str | Path = "config") -> dict[str, Any]:
-    """The config's optional decoding keys (`decoding`, `pixel_guidance`, `seam_blend`, `ordering`; sampler
-    docstring), checked; when absent, the lab's decoding: sampling, no pixel guidance, no seam blend, confidence
-    ordering."""
+    """The config's optional decoding keys (`decoding`, `pixel_guidance`, `seam_blend`, `ordering`, `temperature`,
+    `final_temperature`; sampler docstring), checked; when absent, the lab's decoding: sampling at temperature 1,
+    no pixel guidance, no seam blend, confidence ordering."""
     decoding = cfg.get("decoding", "sample")
     if decoding not in DECODINGS:
         raise ConfigError(f"{path}: model_param.decoding is {decoding!r}; use sample or argmax")
@@ -65,7 +65,15 @@ def decoding_choices(cfg: dict[str, Any], path: str | Path = "config") -> dict[s
     blend = cfg.get("seam_blend", False)
     if not isinstance(blend, bool):
         raise ConfigError(f"{path}: model_param.seam_blend is {blend!r}; use true or false")
-    return {"decoding": decoding, "pixel_guidance": float(guidance), "seam_blend": blend, "ordering": ordering}
+    temperatures = {"temperature": cfg.get("temperature", 1.0), "final_temperature": cfg.get("final_temperature")}
+    for key, value in temperatures.items():
+        if value is None and key == "final_temperature":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ConfigError(f"{path}: model_param.{key} is {value!r}; use a number > 0")
+        temperatures[key] = float(value)
+    return {"decoding": decoding, "pixel_guidance": float(guidance), "seam_blend": blend, "ordering": ordering,
+            **temperatures}
 
 
 def transformer_ckpt_path(cfg: dict[str, Any], override: str | Path | None = None) -> Path:

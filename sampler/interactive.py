@@ -47,6 +47,7 @@ class DecodeSettings:
     decoding: str = "sample"
     ordering: str = "confidence"
     temperature: float = 1.0
+    final_temperature: float | None = None  # None: constant (the sampler's annealing, set in the config)
     pixel_guidance: float = 0.0
     seam_blend: bool = False
     seed: int = 0
@@ -62,6 +63,8 @@ class DecodeSettings:
             (self.decoding in ("argmax", "sample"), "decoding must be argmax or sample"),
             (self.ordering in ORDERINGS, f"ordering must be {' or '.join(ORDERINGS)}"),
             (0 < self.temperature <= 100, "the temperature must be > 0 and <= 100"),
+            (self.final_temperature is None or 0 < self.final_temperature <= 100,
+             "the final temperature must be > 0 and <= 100"),
             (0 <= self.pixel_guidance <= 1000, "pixel guidance must be between 0 and 1000"),
             (0 <= self.seed < 2 ** 63, "the seed must be a whole number >= 0"),
             (1 <= self.samples <= MAX_SAMPLES, f"samples must be between 1 and {MAX_SAMPLES}"),
@@ -79,17 +82,18 @@ class DecodeSettings:
                 raise InputError(f"unknown setting {key!r}")
             kind = _SETTING_TYPES[key]
             accepted = (int, float) if kind is float else kind
-            ok = (key == "sweet_spot" and value is None) or (
+            ok = (key in ("sweet_spot", "final_temperature") and value is None) or (
                 isinstance(value, accepted) and (kind is bool or not isinstance(value, bool))
                 and (kind is not float or _finite(value)))
             if not ok:
                 raise InputError(f"setting {key} is {value!r}; expected {_KIND_NAMES[kind]}")
-            parsed[key] = float(value) if kind is float else value
+            parsed[key] = float(value) if kind is float and value is not None else value
         return replace(self, **parsed).checked()
 
 
 _SETTING_TYPES = {"schedule": str, "total_iter": int, "sweet_spot": int, "decoding": str, "ordering": str,
-                  "temperature": float, "pixel_guidance": float, "seam_blend": bool, "seed": int, "samples": int}
+                  "temperature": float, "final_temperature": float, "pixel_guidance": float, "seam_blend": bool,
+                  "seed": int, "samples": int}
 _KIND_NAMES = {str: "a name", int: "a whole number", float: "a number", bool: "true or false"}
 
 
@@ -121,6 +125,7 @@ def load_engine(config_path: str | Path, device: str | torch.device = "cpu") -> 
     model.load_transformer_checkpoint(transformer_ckpt_path(cfg))
     chosen = decoding_choices(cfg, str(config_path))
     defaults = DecodeSettings(schedule=cfg["gamma_type"], decoding=chosen["decoding"], ordering=chosen["ordering"],
+                              temperature=chosen["temperature"], final_temperature=chosen["final_temperature"],
                               pixel_guidance=chosen["pixel_guidance"], seam_blend=chosen["seam_blend"])
     return Engine(model, defaults, device, amp=resolve_amp("auto", device))
 
@@ -264,7 +269,8 @@ def inpaint_steps(engine: Engine, face: np.ndarray, hole: np.ndarray, settings: 
         with engine.lock:
             result = inpaint(model, images, known, split=SPLIT, total_iter=settings.total_iter,
                              gamma_type=settings.schedule, sweet_spot=settings.sweet_spot,
-                             temperature=settings.temperature, argmax=settings.decoding == "argmax",
+                             temperature=settings.temperature, final_temperature=settings.final_temperature,
+                             argmax=settings.decoding == "argmax",
                              ordering=settings.ordering, generator=generator, amp=engine.amp, on_step=show,
                              pixel_guidance=settings.pixel_guidance, seam_blend=settings.seam_blend)
         emit({"type": "result", "images": result.images, "notes": notes, "seconds": time.perf_counter() - start})

@@ -2,8 +2,9 @@
 
 Convention, per image b with m_b initially masked tokens, T = total_iter steps, t = 0..T-1:
   1. one transformer forward on the current tokens (still-masked positions hold the mask id);
-  2. every still-masked token gets a candidate, sampled from softmax(logits[:K] / temperature) over the K real
-     codes (never the mask id), or its argmax;
+  2. every still-masked token gets a candidate, sampled from softmax(logits[:K] / temperature_t) over the K real
+     codes (never the mask id), or its argmax; temperature_t is `temperature` at every step, or with
+     `final_temperature` it anneals linearly from `temperature` at t = 0 to `final_temperature` at t = T-1;
   3. confidence, by the `ordering`:
      - "confidence" (the lab's): log p(candidate) + choice_temperature * (1 - t/T) * Gumbel noise (the MaskGIT
        paper's rule, p being the distribution the candidate came from);
@@ -128,13 +129,20 @@ def _halton_confidence(n: int, device: torch.device) -> torch.Tensor:
     return -place.to(device)
 
 
+def step_temperature(t: int, total_iter: int, temperature: float, final_temperature: float | None) -> float:
+    """The sampling temperature of step t (module docstring, item 2)."""
+    if final_temperature is None or total_iter == 1:
+        return temperature
+    return temperature + (final_temperature - temperature) * t / (total_iter - 1)
+
+
 @torch.inference_mode()
 def decode(transformer: nn.Module, tokens: torch.Tensor, masked: torch.Tensor, *, total_iter: int = 8,
            gamma_type: str = "cosine", sweet_spot: int | None = None, temperature: float = 1.0,
-           choice_temperature: float = 4.5, argmax: bool = False, generator: torch.Generator | None = None,
-           amp: str = "bf16", keep_steps: bool = False, logit_bias: torch.Tensor | None = None,
-           ordering: str = "confidence", on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
-           ) -> DecodeOutput:
+           final_temperature: float | None = None, choice_temperature: float = 4.5, argmax: bool = False,
+           generator: torch.Generator | None = None, amp: str = "bf16", keep_steps: bool = False,
+           logit_bias: torch.Tensor | None = None, ordering: str = "confidence",
+           on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> DecodeOutput:
     """Fill the `masked` (bool [B, N]) positions of `tokens` (LongTensor [B, N]) by the rule in the module docstring.
 
     The transformer (in eval mode) needs `.mask_token_id` and `.num_codebook_vectors`. amp ('bf16' or 'none',
@@ -163,7 +171,7 @@ def decode(transformer: nn.Module, tokens: torch.Tensor, masked: torch.Tensor, *
         logits = logits[cur][:, :k].float()  # [M, K], masked rows only
         if logit_bias is not None:
             logits = logits + logit_bias[cur]
-        logp = (logits / temperature).log_softmax(dim=-1)
+        logp = (logits / step_temperature(t, total_iter, temperature, final_temperature)).log_softmax(dim=-1)
         cand = logp.argmax(dim=-1) if argmax else _sample(logp, generator)
         filled = tokens.masked_scatter(cur, cand)
         if halton is not None:
@@ -225,8 +233,8 @@ def inpaint(model: MaskGit, images: torch.Tensor, pixel_known: torch.Tensor, *, 
     """Inpaint a batch: normalized masked images [B, 3, H, W] and pixel masks bool [B, 1, H, W] (True = known).
 
     gamma_type and choice_temperature default to the model's config; pixel_guidance and seam_blend are the module
-    docstring's additions (seam_blend needs paste_back); decode_kwargs (sweet_spot, temperature, argmax, generator,
-    amp, keep_steps, ordering, on_step) go to decode.
+    docstring's additions (seam_blend needs paste_back); decode_kwargs (sweet_spot, temperature, final_temperature,
+    argmax, generator, amp, keep_steps, ordering, on_step) go to decode.
     The VQGAN runs in fp32, once to encode and once to decode; step images are left to the caller.
     """
     known = latent_known_mask(pixel_known, model.latent_resolution)

@@ -154,6 +154,7 @@ def test_random_box_is_one_rectangle_of_16_to_36_pixels_a_side():
     ({"temperature": float("nan")}, "temperature"), ({"seed": True}, "seed"), ({"samples": 7}, "samples"),
     ({"total_iter": 8.5}, "whole number"), ({"pixel_guidance": "lots"}, "pixel_guidance"), ({"colour": 1}, "colour"),
     ({"seed": -1}, "seed"), ({"seam_blend": 1}, "seam_blend"), ({"ordering": "random"}, "ordering"),
+    ({"final_temperature": 0}, "final temperature"), ({"final_temperature": "cold"}, "final_temperature"),
 ])
 def test_bad_settings_are_one_line_messages(values, message):
     with pytest.raises(InputError, match=message):
@@ -161,8 +162,9 @@ def test_bad_settings_are_one_line_messages(values, message):
 
 
 def test_settings_take_whole_numbers_for_real_ones():
-    s = DecodeSettings().updated({"temperature": 2, "pixel_guidance": 0, "sweet_spot": None})
+    s = DecodeSettings().updated({"temperature": 2, "pixel_guidance": 0, "sweet_spot": None, "final_temperature": 1})
     assert s.temperature == 2.0 and isinstance(s.pixel_guidance, float) and s.sweet_spot is None
+    assert s.final_temperature == 1.0 and s.updated({"final_temperature": None}).final_temperature is None
 
 
 # ---- uploads ----

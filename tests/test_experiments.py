@@ -128,13 +128,37 @@ def test_reference_inpaintings(lab):
     assert error(blended) < error(oracle)
 
 
+def test_faces_mosaic_is_masked_input_fill_and_truth_side_by_side(lab, tmp_path):
+    setup, ckpt, data, gt, known = lab
+    model = MaskGit(load_maskgit_config(setup.maskgit_config)).eval()
+    model.load_transformer_checkpoint(ckpt)
+    dataset = InpaintingTestSet(data / "masked_image", data / "mask64")
+    count, tile = 3, 64 + 2 * TILE_PAD
+    mosaic, rows, cols = experiments.faces_mosaic(model, dataset, gt, count, experiments.Setting("cosine", 2, "T",
+                                                                                                  "argmax"),
+                                                  0, torch.device("cpu"))
+    assert mosaic.shape == (3 * tile, count * tile, 3) and rows == ["masked input", "our fill", "truth"]
+    assert cols == [dataset.names[i] for i in range(count)]
+    for i in range(count):
+        at = lambda r: mosaic[r * tile + TILE_PAD:(r + 1) * tile - TILE_PAD,  # noqa: E731
+                              i * tile + TILE_PAD:(i + 1) * tile - TILE_PAD]
+        assert np.array_equal(at(0), dataset.images[i]) and np.array_equal(at(2), gt[i])
+        assert np.array_equal(at(1)[known[i]], gt[i][known[i]])  # known pixels pasted back
+        assert not (at(1)[~known[i]] == 128).all()  # the hole is filled, not left gray
+    experiments.main(flags(lab, tmp_path, "--references", "--mask-funcs", "cosine", "--total-iters", "2",
+                           "--decodings", "argmax", "--faces", "2"))
+    assert (tmp_path / "faces.png").is_file()
+
+
 def test_decoding_mosaic_shows_every_step(lab):
     setup, ckpt, data, gt, known = lab
     model = MaskGit(load_maskgit_config(setup.maskgit_config)).eval()
     model.load_transformer_checkpoint(ckpt)
     dataset = InpaintingTestSet(data / "masked_image", data / "mask64")
     t, count, tile = 3, 2, 64 + 2 * TILE_PAD
-    mosaic, rows, cols = experiments.decoding_mosaic(model, dataset, gt, count, SCHEDULES, t, False, 0, torch.device("cpu"))
+    setting = experiments.Setting("cosine", t, "T", "sample")
+    mosaic, rows, cols = experiments.decoding_mosaic(model, dataset, gt, count, SCHEDULES, setting, 0,
+                                                     torch.device("cpu"))
     assert mosaic.shape == (count * len(SCHEDULES) * tile, (2 + 2 * t) * tile, 3)
     assert len(rows) == count * len(SCHEDULES) and len(cols) == 2 + 2 * t and cols[1:3] == ["mask 1", "step 1"]
 
@@ -169,8 +193,9 @@ def test_only_references_then_resume_skips_done_rows(lab, sweep, tmp_path, capsy
     assert "--partial" in one_line_error(experiments.main, flags(lab, tmp_path, "--resume", "--partial", "0.5"), capsys)
 
 
-def test_resume_reads_a_results_csv_from_before_the_ordering_and_holes_columns(lab, sweep, tmp_path):
-    """A results.csv written before those columns existed: confidence ordering, stroke holes."""
+def test_resume_reads_a_results_csv_from_before_the_later_columns(lab, sweep, tmp_path):
+    """A results.csv written before those columns existed: confidence ordering, temperature 1, choice temperature
+    4.5, stroke holes."""
     legacy = [{k: v for k, v in r.items() if k not in experiments.LATER_FIELDS} for r in sweep[1]]
     with open(tmp_path / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, [k for k in experiments.FIELDS if k not in experiments.LATER_FIELDS])
@@ -180,8 +205,9 @@ def test_resume_reads_a_results_csv_from_before_the_ordering_and_holes_columns(l
                            "--decodings", "sample", "--orderings", "confidence", "halton"))
     rows = read_csv(tmp_path / "results.csv")
     assert list(rows[0]) == experiments.FIELDS  # rewritten in today's columns, then one row appended
-    assert rows[:-1] == [{**r, "ordering": "confidence" if r["method"] == "maskgit" else "", "holes": "strokes"}
-                         for r in legacy]
+    assert rows[:-1] == [{**r, "ordering": "confidence" if r["method"] == "maskgit" else "", "holes": "strokes",
+                          **({"temperature": "1", "choice_temperature": "4.5"} if r["method"] == "maskgit"
+                             else {"temperature": "", "choice_temperature": ""})} for r in legacy]
     new = rows[-1]
     assert (new["schedule"], new["T"], new["decoding"], new["ordering"]) == ("linear", "2", "sample", "halton")
     assert new["fid"] != by_setting(sweep[1])["linear", "2", "T", "sample"]["fid"]
@@ -201,6 +227,10 @@ def test_resume_reads_a_results_csv_from_before_the_ordering_and_holes_columns(l
     (["--pixel-guidances", "-1"], "--pixel-guidances"),
     (["--seam-blends", "maybe"], "--seam-blends"),
     (["--orderings", "random"], "--orderings"),
+    (["--temperatures", "hot"], "--temperatures"),
+    (["--temperatures", "1.5:0"], "--temperatures"),
+    (["--temperatures", "1:2:3"], "--temperatures"),
+    (["--choice-temperatures", "-1"], "--choice-temperatures"),
     (["--split", "val", "--val_d_path", "/nonexistent/val"], "/nonexistent/val"),
 ])
 def test_bad_flags_exit_2_with_one_line(lab, tmp_path, capsys, extra, message):
@@ -229,6 +259,18 @@ def test_val_split_and_the_decoding_additions_are_rows_of_their_own(lab, tmp_pat
     b = InpaintingTestSet.with_holes(gt, ["a"] * len(gt), fixed_holes("stroke", len(gt)))
     assert np.array_equal(a.known, b.known) and 0.05 < (~a.known).mean() < 0.45
     assert np.array_equal(a.images[a.known], gt[a.known]) and (a.images[~a.known] == 128).all()
+
+
+def test_temperatures_and_choice_temperatures_are_rows_of_their_own(lab, tmp_path):
+    """Constant and annealed temperatures and choice temperatures each get a row; "1.0" and "1" are one setting."""
+    experiments.main(flags(lab, tmp_path, "--references", "--mask-funcs", "cosine", "--total-iters", "3",
+                           "--decodings", "sample", "--temperatures", "1.0", "1", "3:0.2",
+                           "--choice-temperatures", "0", "4.5"))
+    rows = read_csv(tmp_path / "results.csv")
+    assert {(r["temperature"], r["choice_temperature"]) for r in rows} == {
+        ("1", "0.0"), ("1", "4.5"), ("3:0.2", "0.0"), ("3:0.2", "4.5")}
+    assert len(rows) == 4 and len({r["fid"] for r in rows}) == 4
+    assert "| 3:0.2 | 4.5 |" in (tmp_path / "results.md").read_text()
 
 
 def test_box_holes_are_a_benchmark_of_their_own(lab, tmp_path, capsys):

@@ -121,9 +121,27 @@ def test_the_config_sets_the_decoding_additions_and_flags_override_it(lab, tmp_p
     assert not same("halton", "lab")
     for i in range(N_TEST):
         assert np.array_equal(runs["config"][i][known[i]], read_rgb(data / "masked_image" / f"image_{i:03d}.png")[known[i]])
-    for key, value in (("pixel_guidance", "strong"), ("seam_blend", "yes"), ("ordering", "random")):
+    for key, value in (("pixel_guidance", "strong"), ("seam_blend", "yes"), ("ordering", "random"),
+                       ("temperature", 0), ("final_temperature", "hot")):
         bad = yaml.safe_load(config.read_text())
         bad["model_param"][key] = value
         config.write_text(yaml.safe_dump(bad))
         assert key in one_line_error(inpainting.main, flags(lab, tmp_path / "bad", "--MaskGitConfig", str(config)), capsys)
         config.write_text(yaml.safe_dump(cfg))
+
+
+def test_the_config_sets_an_annealed_temperature_and_flags_override_it(lab, tmp_path):
+    setup, _, _, _ = lab
+    cfg = yaml.safe_load(setup.maskgit_config.read_text())
+    cfg["model_param"].update(decoding="sample", temperature=3.0, final_temperature=0.5)
+    config = tmp_path / "annealed.yml"
+    config.write_text(yaml.safe_dump(cfg))
+    runs = {}
+    for name, extra in (("config", ["--MaskGitConfig", str(config)]),
+                        ("flags", ["--temperature", "3", "--final-temperature", "0.5"]),
+                        ("constant", ["--MaskGitConfig", str(config), "--final-temperature", "3"]),
+                        ("hot", ["--temperature", "3"])):
+        inpainting.main(flags(lab, tmp_path / name, "--no-fid", "--visualize", "0", *extra))
+        runs[name] = [read_rgb(tmp_path / name / "test_results" / f"image_{i:03d}.png") for i in range(N_TEST)]
+    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(runs[a], runs[b]))  # noqa: E731
+    assert same("config", "flags") and same("constant", "hot") and not same("config", "hot")

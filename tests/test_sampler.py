@@ -249,3 +249,33 @@ def test_guided_batch_equals_per_image(maskgit, batch):
         assert torch.equal(alone.decode.tokens[0], together.decode.tokens[b])
         # the VQGAN decoder's convolutions may round differently at another batch size: one 8-bit level at most
         assert np.abs(alone.images[0].astype(int) - together.images[b]).max() <= 1
+
+
+class FixedLogits(torch.nn.Module):
+    """A stand-in transformer whose logits are the same fixed vector at every position: code 0 is the likeliest."""
+    mask_token_id, num_codebook_vectors = 8, 8
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits = torch.linspace(1.0, 0.0, self.mask_token_id + 1)
+        return logits.expand(*tokens.shape, -1)
+
+
+def test_step_temperature_is_constant_or_linear_from_first_to_last_step():
+    assert [maskgit_sampler.step_temperature(t, 5, 1.5, 0.5) for t in range(5)] == [1.5, 1.25, 1.0, 0.75, 0.5]
+    assert maskgit_sampler.step_temperature(3, 5, 0.7, None) == 0.7
+    assert maskgit_sampler.step_temperature(0, 1, 2.0, 0.1) == 2.0  # one step: the start temperature
+
+
+def test_annealed_sampling_is_hot_early_and_greedy_at_the_last_step():
+    tokens, masked = torch.zeros(4, 64, dtype=torch.long), torch.ones(4, 64, dtype=torch.bool)
+    # halton ordering: which positions a step fixes does not depend on the candidates drawn there
+    kwargs = dict(total_iter=2, temperature=50.0, ordering="halton", amp="none")
+    out = decode(FixedLogits(), tokens, masked, final_temperature=1e-3, keep_steps=True, generator=gen(0), **kwargs)
+    first, left = out.step_tokens[0], out.step_masks[0]
+    fixed_early = first[~left]
+    assert len(set(fixed_early.tolist())) == 8  # nearly uniform at temperature 50: every code comes up
+    assert (out.tokens[left] == 0).all() and left.any()  # the last step, at 1e-3, takes the likeliest code
+    constant = decode(FixedLogits(), tokens, masked, generator=gen(0), **kwargs)
+    assert (constant.tokens[left] != 0).any()  # without the anneal the last step samples as hot as the first
+    same = decode(FixedLogits(), tokens, masked, final_temperature=50.0, generator=gen(0), **kwargs)
+    assert torch.equal(same.tokens, constant.tokens)

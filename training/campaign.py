@@ -514,6 +514,7 @@ def inpaint_images(maskgit: MaskGit, images: np.ndarray, holes: np.ndarray, spli
         done.append(inpaint(maskgit, x.to(device), known.to(device), split=split, total_iter=decoding["total_iter"],
                             gamma_type=decoding["gamma_type"], choice_temperature=decoding["choice_temperature"],
                             argmax=decoding["decoding"] == "argmax", pixel_guidance=decoding["pixel_guidance"],
-                            seam_blend=decoding["seam_blend"], ordering=decoding["ordering"], generator=generator,
-                            amp=amp).images)
+                            seam_blend=decoding["seam_blend"], ordering=decoding["ordering"],
+                            temperature=decoding["temperature"], final_temperature=decoding["final_temperature"],
+                            generator=generator, amp=amp).images)
     return np.concatenate(done) if done else np.zeros((0, *images.shape[1:]), np.uint8)

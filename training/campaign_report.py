@@ -130,9 +130,10 @@ def unpack_pair(folder: Path, results: dict[str, Any], out: Path) -> list[Path]:
     cfg["model_param"].update(
         VQ_Configs={"VQ_config_path": str(out / "VQGAN.yml"), "VQ_CKPT_path": str(out / "VQGAN.pt")},
         transformer_ckpt=str(out / "transformer.pt"),
-        # a campaign run before the `ordering` key has none: its pair decodes with the default ordering, as it did
-        **{k: decoding[k] for k in ("gamma_type", "decoding", "pixel_guidance", "seam_blend", "ordering")
-           if k in decoding})
+        # a campaign run before the `ordering` or temperature keys has none: its pair decodes with their defaults, as
+        # it did
+        **{k: decoding[k] for k in ("gamma_type", "decoding", "pixel_guidance", "seam_blend", "ordering",
+                                    "temperature", "final_temperature") if k in decoding})
     atomic_write_text(yaml.safe_dump(cfg, sort_keys=False), out / "MaskGit.yml")
     maskgit = MaskGit(load_maskgit_config(out / "MaskGit.yml"))  # refuses weights that do not fit the configs
     maskgit.load_transformer_checkpoint(out / "transformer.pt")

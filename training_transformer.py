@@ -6,7 +6,7 @@ image (r ~ U(0,1)) and minimizes the cross-entropy on the masked positions; --tr
 part of a stroke or box hole instead, in every image or (mix) in a share --hole-mask-prob of them
 (training/train_masks.py).
 
-    python training_transformer.py              # configs/MaskGit_small.yml on the shipped VQGAN: a CPU finishes it
+    python training_transformer.py              # configs/MaskGit_small_gan.yml on the shipped VQGAN: a CPU finishes it
     python training_transformer.py --resume     # continue it after a stop
     python training_transformer.py --MaskGitConfig configs/MaskGit_lab_small_vqgan.yml --device cuda --batch-size 128 \
         --compile --epochs 300                  # the lab-size transformer, on a GPU
@@ -42,7 +42,7 @@ from utils.precision import resolve_amp
 from utils.train_utils import (CSVLog, DistEnv, atomic_write_text, cleanup_distributed, on_main_then_share,
                                seed_everything, setup_distributed)
 
-DEFAULT_CONFIG = "configs/MaskGit_small.yml"  # the shipped VQGAN's tokens, a transformer a CPU trains
+DEFAULT_CONFIG = "configs/MaskGit_small_gan.yml"  # the shipped VQGAN's tokens, a transformer a CPU trains
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

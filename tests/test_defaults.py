@@ -34,7 +34,7 @@ def test_the_inference_defaults_are_the_shipped_models():
         cfg = load_maskgit_config(parse([]).MaskGitConfig)
         model = MaskGit(cfg)  # the VQGAN checkpoint is in the repository
         model.load_transformer_checkpoint(transformer_ckpt_path(cfg))  # and so is the transformer, strictly
-        assert transformer_ckpt_path(cfg).resolve() == REPO / "pretrained" / "MaskGit_small" / "transformer.pt"
+        assert transformer_ckpt_path(cfg).resolve() == REPO / "pretrained" / "MaskGit_small_gan" / "transformer.pt"
 
 
 def test_every_shipped_config_builds_its_models_from_the_repository():
@@ -65,10 +65,10 @@ def test_training_with_no_flag_trains_the_cpu_sized_transformer_on_the_shipped_t
     run = run_in(tmp_path, "training_transformer.py", "--max-steps", "1", "--num_workers", "0")
     assert run.returncode == 0, run.stderr[-2000:]
     state = load_training_state(tmp_path / "transformer_checkpoints" / "training_state.pt")
-    recipe = yaml.safe_load((REPO / "configs" / "MaskGit_small.yml").read_text())["train_param"]
-    assert state["args"]["MaskGitConfig"] == "configs/MaskGit_small.yml" and state["step"] == 1
+    recipe = yaml.safe_load((REPO / "configs" / "MaskGit_small_gan.yml").read_text())["train_param"]
+    assert state["args"]["MaskGitConfig"] == "configs/MaskGit_small_gan.yml" and state["step"] == 1
     assert {k: state["args"][k] for k in recipe} == recipe
-    assert state["config"]["VQ_Configs"]["VQ_CKPT_path"] == "pretrained/VQGAN_small/VQGAN.pt"
+    assert state["config"]["VQ_Configs"]["VQ_CKPT_path"] == "pretrained/VQGAN_small_gan/VQGAN.pt"
     assert (tmp_path / "transformer_checkpoints" / "transformer_last.pt").is_file()
 
 

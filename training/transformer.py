@@ -40,7 +40,7 @@ RUN_SHAPE_FLAGS = ["batch_size", "accum_grad", "partial", "seed", "start_from_ep
 # flags added after training states were first saved: a state without one ran with this value
 LATER_FLAGS = {"train_masks": DEFAULT_TRAIN_MASKS, "hole_mask_prob": DEFAULT_HOLE_MASK_PROB}
 # the recipe for the lab-size transformer; a config's optional train_param section replaces it for the model it
-# sizes (configs/MaskGit_small.yml: what a CPU finishes), and flags replace both
+# sizes (configs/MaskGit_small_gan.yml: what a CPU finishes), and flags replace both
 TRAIN_DEFAULTS: dict[str, int | float] = {"epochs": 100, "batch_size": 32, "learning_rate": 1e-4, "warmup_steps": 1000}
 VAL_MASK_SEED = 1234  # validation masks are drawn once, so val numbers compare across epochs and runs
 

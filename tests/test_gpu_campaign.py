@@ -142,7 +142,9 @@ def test_scorer_prints_the_table_rows_and_unpacks_the_pair(smoke, archive, tmp_p
     assert sorted(p.name for p in (tmp_path / "pair").iterdir()) == ["MaskGit.yml", "VQGAN.pt", "VQGAN.yml",
                                                                     "transformer.pt"]
     cfg = load_maskgit_config(tmp_path / "pair" / "MaskGit.yml")
-    assert cfg["decoding"] == "argmax" and cfg["transformer_ckpt"] == str(tmp_path / "pair" / "transformer.pt")
+    demo = load_maskgit_config(REPO / "configs/MaskGit_demo.yml")  # the campaign decodes as the demo does
+    assert all(cfg[k] == demo[k] for k in ("decoding", "temperature", "final_temperature", "pixel_guidance"))
+    assert cfg["transformer_ckpt"] == str(tmp_path / "pair" / "transformer.pt")
 
 
 def test_scorer_refuses_another_archive_in_one_line(smoke, tmp_path, capsys):

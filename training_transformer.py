@@ -13,12 +13,23 @@ part of a stroke or box hole instead, in every image or (mix) in a share --hole-
     torchrun --standalone --nproc_per_node 4 training_transformer.py --device cuda --batch-size 64 --compile ...
     python training_transformer.py --MaskGitConfig ... --cache-only     # only tokenize (e.g. on a GPU machine)
 
+A run that outlives its machine (README "Train your own"): --schedule wsd trains a constant-rate trunk after the
+warm-up, in sittings (--max-minutes), each continued with --resume, or on another machine with --resume-from
+trunk_state.pt (the compact state the trunk writes beside training_state.pt); a cooldown branch decays from it
+into its own folder, to rate 0 at its last step, and its EMA is what is evaluated:
+    python training_transformer.py --schedule wsd --checkpoint-path ~/runs/trunk --max-minutes 120
+    python training_transformer.py --schedule wsd --checkpoint-path ~/runs/trunk --resume --max-minutes 120
+    python training_transformer.py --schedule wsd --checkpoint-path ~/runs/cooldown_1 \
+        --resume-from ~/runs/trunk/training_state.pt --cooldown-steps 400
+
 --epochs, --batch-size, --learning-rate and --warmup-steps default to the config's train_param section (the
 recipe the config is sized for), else to the lab-size recipe (training.transformer.TRAIN_DEFAULTS).
 
 Outputs in --checkpoint-path: transformer_epoch_N.pt and transformer_last.pt (EMA weights, plain state_dicts as
 the lab's inpainting loads them), transformer_raw_last.pt (raw weights), training_state.pt (everything --resume
-needs), log.csv, a copy of the config, token_cache.pt (unless --token-cache points elsewhere).
+needs; trunk_state.pt too under wsd), log.csv (a row per epoch and per stop), train_steps.csv (a row per step),
+sittings.csv (the machine of each start), a copy of the config, token_cache.pt (unless --token-cache points
+elsewhere).
 Exit codes: 0 done (or --max-steps reached), 1 non-finite loss or weights (nothing saved after it), 2 user error
 (one line; --debug for a traceback), 130 interrupted (Ctrl-C/SIGTERM) after saving a state that --resume continues.
 """
@@ -34,7 +45,8 @@ from models.Transformer import BidirectionalTransformer
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config
 from training.token_cache import ensure_token_cache
 from training.train_masks import DEFAULT_HOLE_MASK_PROB, DEFAULT_TRAIN_MASKS, TRAIN_MASKS
-from training.transformer import LOG_FIELDS, TokenData, TransformerTrainer, check_resume, train_defaults
+from training.transformer import (LOG_FIELDS, SCHEDULES, TokenData, TransformerTrainer, check_resume,
+                                  train_defaults)
 from utils.checkpoint import ensure_writable_dir, load_state_dict_strict, load_training_state, load_weights
 from utils.cli import OneLineParser, UserError, run_cli
 from utils.config import resolve_path
@@ -43,6 +55,7 @@ from utils.train_utils import (CSVLog, DistEnv, atomic_write_text, cleanup_distr
                                seed_everything, setup_distributed)
 
 DEFAULT_CONFIG = "configs/MaskGit_small_gan.yml"  # the shipped VQGAN's tokens, a transformer a CPU trains
+WSD_EPOCHS = 10 ** 6  # a wsd trunk's --epochs unless given: no end of its own
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--partial", type=float, default=1.0, help="fraction of the training images used (fixed subset)")
     p.add_argument("--accum-grad", type=int, default=1, help="micro-batches accumulated per optimizer step")
     p.add_argument("--epochs", type=int, default=None,
-                   help="total epochs; the LR schedule spans them (default: the config's train_param, else 100)")
+                   help="total epochs; the cosine schedule spans them (default: the config's train_param, else 100; "
+                        "with --schedule wsd: no limit)")
     p.add_argument("--save-per-epoch", type=int, default=1, help="write transformer_epoch_N.pt every N epochs")
     p.add_argument("--start-from-epoch", type=int, default=0,
                    help="load transformer_epoch_N.pt and train epochs N+1..--epochs (new optimizer and schedule; "
@@ -73,6 +87,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # beyond the lab
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue exactly from training_state.pt in --checkpoint-path")
+    p.add_argument("--resume-from", default=None, metavar="STATE",
+                   help="continue from this training state (training_state.pt, or a trunk's compact trunk_state.pt "
+                        "from another machine), writing into --checkpoint-path")
+    p.add_argument("--schedule", choices=list(SCHEDULES), default="cosine",
+                   help="cosine: warm-up, then cosine to 0 over --epochs; wsd: warm-up, then a constant rate (the "
+                        "trunk, which runs until --max-steps, --max-minutes or Ctrl-C) and --cooldown-steps branches")
+    p.add_argument("--cooldown-steps", type=int, default=0,
+                   help="with --schedule wsd and --resume-from a trunk's state: a branch of this many steps, the rate "
+                        "falling as 1 - sqrt to 0 at its last step, written into --checkpoint-path (its EMA restarts "
+                        "from the trunk's weights)")
+    p.add_argument("--max-minutes", type=float, default=0,
+                   help="stop after this many minutes of training in this process, saving a state (0: no limit)")
     p.add_argument("--weight-decay", type=float, default=0.045)
     p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.96))
     p.add_argument("--warmup-steps", type=int, default=None,
@@ -105,7 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
-    """The flags left unset take the config's recipe (training.transformer.train_defaults)."""
+    """The flags left unset take the config's recipe (training.transformer.train_defaults); a wsd trunk has no end."""
+    if args.schedule == "wsd" and args.epochs is None:
+        args.epochs = WSD_EPOCHS
     for key, value in train_defaults(args.MaskGitConfig).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -125,8 +153,26 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--hole-mask-prob must be in [0, 1], got {args.hole_mask_prob}")
     if not 0.0 <= args.ema_decay < 1.0:
         raise UserError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
-    if min(args.warmup_steps, args.ckpt_interval, args.max_steps, args.num_workers) < 0:
-        raise UserError("--warmup-steps, --ckpt-interval, --max-steps and --num_workers must not be negative")
+    if min(args.warmup_steps, args.ckpt_interval, args.max_steps, args.num_workers, args.cooldown_steps,
+           args.max_minutes) < 0:
+        raise UserError("--warmup-steps, --ckpt-interval, --max-steps, --num_workers, --cooldown-steps and "
+                        "--max-minutes must not be negative")
+    if args.resume and args.resume_from:
+        raise UserError("--resume and --resume-from: pass one (--resume reads training_state.pt in --checkpoint-path)")
+    if args.cooldown_steps:
+        if args.schedule != "wsd":
+            raise UserError("--cooldown-steps branches from a --schedule wsd trunk; pass --schedule wsd")
+        if not (args.resume_from or args.resume):
+            raise UserError("--cooldown-steps needs the trunk's state: pass --resume-from TRUNK/training_state.pt")
+        if args.resume_from and Path(args.resume_from).resolve().parent == Path(args.checkpoint_path).resolve():
+            raise UserError("--cooldown-steps writes into --checkpoint-path, which holds the trunk's state: give the "
+                            "branch a folder of its own")
+
+
+def load_state_to_resume(args: argparse.Namespace) -> tuple[dict | None, Path | None]:
+    """The training state --resume or --resume-from names (None for a new run), and its path."""
+    path = Path(args.resume_from) if args.resume_from else Path(args.checkpoint_path) / "training_state.pt"
+    return (load_training_state(path), path) if (args.resume or args.resume_from) else (None, None)
 
 
 def build_maskgit(args: argparse.Namespace, env: DistEnv, resumed: bool) -> tuple[MaskGit, dict]:
@@ -166,7 +212,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> tuple[BidirectionalTransfo
     torch.backends.cudnn.allow_tf32 = True
     seed_everything(args.seed)  # the same initial weights on every rank
 
-    state = load_training_state(out / "training_state.pt") if args.resume else None
+    state, state_path = load_state_to_resume(args)
     if state is not None:  # a wrong flag fails before any work
         check_resume(state, args, env.world_size)
     ensure_writable_dir(out, "--checkpoint-path")
@@ -178,14 +224,15 @@ def _train(args: argparse.Namespace, env: DistEnv) -> tuple[BidirectionalTransfo
     maskgit.vqgan.cpu()  # never used again in this run
     data = TokenData.from_cache(cache_path, maskgit, args.partial, args.seed, env.device)
 
-    trainer = TransformerTrainer(maskgit, data, args, cfg, env, out)
+    cooldown_start = state.get("cooldown_start", state["step"]) if args.cooldown_steps else None
+    trainer = TransformerTrainer(maskgit, data, args, cfg, env, out, cooldown_start=cooldown_start)
     if state is not None:
-        trainer.load_state(state)
-        say(f"resuming from {trainer.state_path}: epoch {trainer.progress.epoch + 1}, step {trainer.progress.step}")
+        trainer.load_state(state, state_path)
+        say(f"resuming from {state_path}: epoch {trainer.progress.epoch + 1}, step {trainer.progress.step}")
     elif trainer.state_path.is_file():
         say(f"note: starting a new run in {out}; pass --resume to continue the saved one instead")
-    log = CSVLog(out / "log.csv", LOG_FIELDS,
-                 keep_until_epoch=trainer.progress.epoch if (args.resume or args.start_from_epoch) else None)
+    log = CSVLog(out / "log.csv", LOG_FIELDS, keep_until_epoch=trainer.progress.epoch
+                 if (state is not None or args.start_from_epoch) else None)
     if env.is_main:
         copy_config(args.MaskGitConfig, out)
     say(trainer.summary())

@@ -39,6 +39,10 @@ def load_maskgit_config(path: str | Path) -> dict[str, Any]:
     if tp["dim"] % tp.get("num_heads", 16):
         raise ConfigError(f"{path}: model_param.Transformer_param.dim ({tp['dim']}) must be a multiple of num_heads "
                           f"({tp.get('num_heads', 16)})")
+    for key in ("dropout", "attn_dropout"):
+        value = tp.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ConfigError(f"{path}: model_param.Transformer_param.{key} is {value!r}; use a number in [0, 1)")
     if cfg["gamma_type"] not in GAMMAS:
         raise ConfigError(f"{path}: model_param.gamma_type is {cfg['gamma_type']!r}; choose one of {', '.join(GAMMAS)}")
     for key in ("num_image_tokens", "num_codebook_vectors"):

@@ -163,8 +163,12 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny, tmp_path, s
         a, b = load_weights(tmp_path / "a" / name), load_weights(tmp_path / "b" / name)
         assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
     log_a, log_b = read_log(tmp_path / "a" / "log.csv"), read_log(tmp_path / "b" / "log.csv")
+    assert [(r["epoch"], r["kind"]) for r in log_b] == [("0", "stop"), ("1", "epoch"), ("2", "epoch")]
     assert [(r["epoch"], r["train_loss"], r["val_loss"]) for r in log_a] == \
-           [(r["epoch"], r["train_loss"], r["val_loss"]) for r in log_b]
+           [(r["epoch"], r["train_loss"], r["val_loss"]) for r in log_b if r["kind"] == "epoch"]
+    steps_a, steps_b = read_log(tmp_path / "a" / "train_steps.csv"), read_log(tmp_path / "b" / "train_steps.csv")
+    assert [int(r["step"]) for r in steps_b] == list(range(1, 9))
+    assert [(r["train_loss"], r["lr"]) for r in steps_a] == [(r["train_loss"], r["lr"]) for r in steps_b]
 
 
 def test_cache_only_checks_the_cache_and_trains_nothing(tiny, tmp_path, shared_cache):
@@ -191,7 +195,8 @@ def test_a_start_from_epoch_run_resumes_exactly(tiny, tmp_path, shared_cache):
     assert run(tiny, tmp_path / "b", "--epochs", 3, "--ckpt-interval", 1, "--resume", cache=shared_cache) == 0
     a, b = load_weights(tmp_path / "a" / "transformer_raw_last.pt"), load_weights(tmp_path / "b" / "transformer_raw_last.pt")
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert [int(r["epoch"]) for r in read_log(tmp_path / "b" / "log.csv")] == [1, 2, 3]
+    log = read_log(tmp_path / "b" / "log.csv")
+    assert [(int(r["epoch"]), r["kind"]) for r in log] == [(1, "epoch"), (1, "stop"), (2, "epoch"), (3, "epoch")]
 
 
 def test_non_finite_loss_stops_with_exit_1_and_keeps_the_last_good_state(tiny, tmp_path, shared_cache, capsys):
@@ -344,5 +349,5 @@ def test_resume_refuses_other_train_masks_and_continues_a_state_saved_before_the
     assert "--hole-mask-prob was 0.5 in the saved run, now 0.3" in err
     assert run(tiny, out, "--epochs", 2, "--resume", cache=shared_cache) == 0
     log = read_log(out / "log.csv")
-    assert [r["epoch"] for r in log] == ["1", "2"] and log[0]["val_hole_loss"] == "nan"
-    assert math.isfinite(float(log[1]["val_hole_loss"]))
+    assert [(r["epoch"], r["kind"]) for r in log] == [("1", "nan"), ("1", "nan"), ("2", "epoch")]  # epoch, stop
+    assert log[0]["val_hole_loss"] == "nan" and math.isfinite(float(log[-1]["val_hole_loss"]))

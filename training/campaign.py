@@ -405,7 +405,8 @@ class Campaign:
                                   warmup_steps=0, label_smoothing=r["label_smoothing"], grad_clip=r["grad_clip"],
                                   ema_decay=r["ema_decay"], amp=s.amp, compile=s.compile, seed=s.seed, max_steps=0,
                                   ckpt_interval=0, save_per_epoch=1, train_masks=DEFAULT_TRAIN_MASKS,
-                                  hole_mask_prob=DEFAULT_HOLE_MASK_PROB)
+                                  hole_mask_prob=DEFAULT_HOLE_MASK_PROB, schedule="cosine", cooldown_steps=0,
+                                  max_minutes=0)
         env = DistEnv(0, 1, s.device)
         budget = self.budget("transformer", later=len(HOLE_SETS) * s.minutes["inpaint"])
         log = LossLog(budget)

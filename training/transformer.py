@@ -5,12 +5,15 @@ training_transformer.py strings these together; a GPU campaign or a benchmark ca
 rank of a torchrun job runs the same code: each draws its own masks and dropout, gradients are averaged by DDP,
 and rank 0 alone writes files. A training state holds everything a resume needs (weights, EMA, optimizer,
 schedule, position in the epoch, every rank's RNG), so a resumed run ends with the weights of an uninterrupted one.
+Under the warmup-stable-decay schedule (--schedule wsd) the constant-rate trunk also writes a compact state that
+another machine continues (see compact_state), and cooldown branches decay from a trunk's state into their own folder.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import time
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,17 +31,22 @@ from training.train_masks import DEFAULT_HOLE_MASK_PROB, DEFAULT_TRAIN_MASKS, Tr
 from utils.checkpoint import TRAINING_STATE_TAG, atomic_save, load_state_dict_strict, rng_state, set_rng_state
 from utils.cli import EXIT_INTERRUPTED, TrainingStopped, UserError
 from utils.config import ConfigError, load_config
-from utils.precision import autocast
-from utils.train_utils import (EMA, CSVLog, DistEnv, GracefulInterrupt, all_gather_object, all_reduce_sum,
-                               check_finite_weights, diverged, warmup_cosine)
+from utils.precision import autocast, device_name
+from utils.train_utils import (EMA, CSVLog, DistEnv, GracefulInterrupt, StepLog, all_gather_object, all_reduce_sum,
+                               atomic_write_text, check_finite_weights, diverged, warmup_cosine, warmup_stable_decay)
 
-# val_loss/val_acc: the fixed uniform MVTM masks; val_hole_*: the fixed whole-hole masks (added last, so that the
-# older columns keep their places)
-LOG_FIELDS = ["epoch", "step", "train_loss", "val_loss", "val_acc", "lr", "seconds", "val_hole_loss", "val_hole_acc"]
-# flags that shape the sequence of batches; --resume refuses to continue a run with different values
-RUN_SHAPE_FLAGS = ["batch_size", "accum_grad", "partial", "seed", "start_from_epoch", "train_masks", "hole_mask_prob"]
+# val_loss/val_acc: the fixed uniform MVTM masks; val_hole_*: the fixed whole-hole masks; kind: "epoch" (its end),
+# "stop" (--max-steps or --max-minutes) or "cooldown" (a cooldown branch's last step). Later columns were added
+# last, so that the older columns keep their places. `epoch` counts completed epochs.
+LOG_FIELDS = ["epoch", "step", "train_loss", "val_loss", "val_acc", "lr", "seconds", "val_hole_loss", "val_hole_acc",
+              "kind"]
+# flags that shape the sequence of batches and rates; --resume refuses to continue a run with different values
+RUN_SHAPE_FLAGS = ["batch_size", "accum_grad", "partial", "seed", "start_from_epoch", "train_masks", "hole_mask_prob",
+                   "schedule"]
 # flags added after training states were first saved: a state without one ran with this value
-LATER_FLAGS = {"train_masks": DEFAULT_TRAIN_MASKS, "hole_mask_prob": DEFAULT_HOLE_MASK_PROB}
+LATER_FLAGS = {"train_masks": DEFAULT_TRAIN_MASKS, "hole_mask_prob": DEFAULT_HOLE_MASK_PROB, "schedule": "cosine"}
+SCHEDULES = ("cosine", "wsd")
+COMPACT_STATE_NAME = "trunk_state.pt"  # the WSD trunk's state for another machine (compact_state)
 # the recipe for the lab-size transformer; a config's optional train_param section replaces it for the model it
 # sizes (configs/MaskGit_small_gan.yml: what a CPU finishes), and flags replace both
 TRAIN_DEFAULTS: dict[str, int | float] = {"epochs": 100, "batch_size": 32, "learning_rate": 1e-4, "warmup_steps": 1000}
@@ -60,9 +68,12 @@ def train_defaults(config_path: str | Path) -> dict[str, int | float]:
 
 
 def check_resume(state: dict[str, Any], args: argparse.Namespace, world_size: int) -> None:
-    """Refuse to continue a saved run with flags that would change its sequence of batches. A run started with
-    --start-from-epoch N resumes with --resume alone: N is taken from the saved state."""
+    """Refuse to continue a saved run with flags that would change its sequence of batches or its schedule. A run
+    started with --start-from-epoch N resumes with --resume alone: N is taken from the saved state."""
     saved = {**LATER_FLAGS, **state["args"]}
+    if "cooldown_start" in state and not args.cooldown_steps:
+        raise UserError("--resume: this state is a cooldown branch's; continue the trunk from the trunk's state, or "
+                        "finish the branch with its --cooldown-steps")
     if not args.start_from_epoch:
         args.start_from_epoch = saved["start_from_epoch"]
     for flag in RUN_SHAPE_FLAGS:
@@ -131,6 +142,35 @@ def weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
+def compact_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A training state small enough to commit at the end of each sitting (7 bytes a parameter, not 16): fp32
+    weights, AdamW's second moments in bf16 (they set each weight's step size), its first moments in fp8 with a
+    scale per tensor (a running mean of gradients: a few per cent of rounding is far below their step-to-step
+    noise; zeroing them instead would lose ~10 steps of progress), step counts, schedule, position and RNG. The
+    EMA is left out: it restarts from the weights, since cooldown branches average their own decay anyway."""
+    optimizer = state["optimizer"]
+    moments = {i: {"step": s["step"], "exp_avg_sq": s["exp_avg_sq"].to(torch.bfloat16), **_to_fp8(s["exp_avg"])}
+               for i, s in optimizer["state"].items()}
+    return {**{k: v for k, v in state.items() if k not in ("ema", "optimizer")}, "compact": True,
+            "optimizer": {"state": moments, "param_groups": optimizer["param_groups"]}}
+
+
+def expand_compact_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The full training state a compact one stands for: fp32 moments, the EMA restarted from the weights (its
+    warm-up ramp included)."""
+    optimizer = state["optimizer"]
+    moments = {i: {"step": s["step"], "exp_avg": s["exp_avg_fp8"].float() * s["exp_avg_scale"],
+                   "exp_avg_sq": s["exp_avg_sq"].float()} for i, s in optimizer["state"].items()}
+    return {**{k: v for k, v in state.items() if k != "compact"}, "ema": {"module": state["model"], "num_updates": 0},
+            "optimizer": {"state": moments, "param_groups": optimizer["param_groups"]}}
+
+
+def _to_fp8(t: torch.Tensor) -> dict[str, Any]:
+    """t as float8_e4m3fn scaled so that its largest magnitude is the format's largest (448)."""
+    scale = max(t.abs().max().item(), 1e-30) / torch.finfo(torch.float8_e4m3fn).max
+    return {"exp_avg_fp8": (t / scale).to(torch.float8_e4m3fn), "exp_avg_scale": scale}
+
+
 @dataclass
 class Progress:
     """Where the run stands: completed epochs and optimizer steps, and the running loss of the current epoch."""
@@ -149,7 +189,8 @@ class TransformerTrainer:
     """
 
     def __init__(self, maskgit: MaskGit, data: TokenData, args: argparse.Namespace, config: dict[str, Any],
-                 env: DistEnv, out: Path, lr_factor: Callable[[int], float] | None = None) -> None:
+                 env: DistEnv, out: Path, lr_factor: Callable[[int], float] | None = None,
+                 cooldown_start: int | None = None) -> None:
         self.maskgit, self.data, self.args, self.config, self.env = maskgit, data, args, config, env
         self.model = maskgit.transformer
         self.state_path = out / "training_state.pt"
@@ -163,9 +204,12 @@ class TransformerTrainer:
         self.total_steps = (args.epochs - args.start_from_epoch) * self.steps_per_epoch
         self.optimizer = self.model.configure_optimizers(args.learning_rate, tuple(args.betas), args.weight_decay,
                                                          env.device.type)
-        # lr_factor(step) scales the peak rate; default: warm-up, then cosine to 0 over --epochs
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor or warmup_cosine(args.warmup_steps, self.total_steps))
+        # a cooldown branch (--cooldown-steps) decays from the trunk's step cooldown_start and stops at rate 0
+        self.cooldown_start = cooldown_start
+        if lr_factor is None:  # lr_factor(step) scales the peak rate
+            lr_factor = warmup_cosine(args.warmup_steps, self.total_steps) if args.schedule == "cosine" else \
+                warmup_stable_decay(args.warmup_steps, cooldown_start, args.cooldown_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor)
         cuda = env.device.type == "cuda"
         self.ddp_model = DistributedDataParallel(self.model, device_ids=[env.device] if cuda else None) \
             if env.distributed else self.model
@@ -174,21 +218,44 @@ class TransformerTrainer:
         self.progress = Progress(args.start_from_epoch)
         self.masks = TrainingMasks(maskgit, args.train_masks, args.hole_mask_prob, args.seed, env.device)
 
+    @property
+    def last_step(self) -> int | None:
+        """The step this process stops after: --max-steps, or a cooldown branch's end (None: no such limit)."""
+        ends = [self.cooldown_start + self.args.cooldown_steps] if self.cooldown_start is not None else []
+        return min(ends + ([self.args.max_steps] if self.args.max_steps else []), default=None)
+
     def summary(self) -> str:
         a, env = self.args, self.env
+        if self.cooldown_start is not None:
+            schedule = f"cooldown steps {self.cooldown_start + 1}-{self.cooldown_start + a.cooldown_steps} (1 - sqrt)"
+        elif a.schedule == "wsd":
+            schedule = "wsd trunk (constant rate after warm-up, until --max-steps / --max-minutes / Ctrl-C)"
+        else:
+            schedule = f"cosine, {self.total_steps} total"
         return (f"transformer {sum(p.numel() for p in self.model.parameters()) / 1e6:.1f}M params | "
                 f"{len(self.data.train)} train sequences (with flips), {len(self.data.val_target)} val | "
                 f"{env.world_size} process(es) x batch {a.batch_size} x accum {a.accum_grad} | "
-                f"{self.steps_per_epoch} steps/epoch, {self.total_steps} total | train masks {a.train_masks}"
+                f"{self.steps_per_epoch} steps/epoch, {schedule} | train masks {a.train_masks}"
                 f"{f' (hole mask prob {a.hole_mask_prob})' if a.train_masks == 'mix' else ''} | device {env.device}, "
                 f"{'bf16' if a.amp == 'bf16' else 'fp32'}")
 
-    def load_state(self, state: dict[str, Any]) -> None:
-        """Continue exactly where save_state left off (this rank's RNG included)."""
-        load_state_dict_strict(self.model, state["model"], source=str(self.state_path))
+    def load_state(self, state: dict[str, Any], source: Path) -> None:
+        """Continue exactly where save_state left off (this rank's RNG included); a compact state continues with the
+        moments and EMA it rebuilds (compact_state). A new cooldown branch restarts the EMA from the trunk's
+        weights, so that it averages the decay only."""
+        if state.get("compact"):
+            state = expand_compact_state(state)
+        if self.cooldown_start is not None and "cooldown_start" not in state:
+            state = {**state, "ema": {"module": state["model"], "num_updates": 0}}
+        load_state_dict_strict(self.model, state["model"], source=str(source))
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # the next step's rate from this run's schedule (a cooldown's differs from the trunk's it branches from)
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.progress = Progress(state["epoch"], state["step"], state["step_in_epoch"], state["loss_sum"],
                                  state["loss_count"])
         set_rng_state(state["rng"][self.env.rank])
@@ -199,11 +266,16 @@ class TransformerTrainer:
         rngs = all_gather_object(rng_state(), self.env)
         if self.env.is_main:
             p = self.progress
-            atomic_save({"format": TRAINING_STATE_TAG, "model": weights(self.model), "ema": self.ema.state_dict(),
-                         "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                         "epoch": p.epoch, "step": p.step, "step_in_epoch": p.step_in_epoch, "loss_sum": p.loss_sum,
-                         "loss_count": p.loss_count, "rng": rngs, "world_size": self.env.world_size,
-                         "args": vars(self.args), "config": self.config}, self.state_path)
+            state = {"format": TRAINING_STATE_TAG, "model": weights(self.model), "ema": self.ema.state_dict(),
+                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "epoch": p.epoch, "step": p.step, "step_in_epoch": p.step_in_epoch, "loss_sum": p.loss_sum,
+                     "loss_count": p.loss_count, "rng": rngs, "world_size": self.env.world_size,
+                     "args": vars(self.args), "config": self.config}
+            if self.cooldown_start is not None:
+                state["cooldown_start"] = self.cooldown_start
+            atomic_save(state, self.state_path)
+            if self.args.schedule == "wsd" and self.cooldown_start is None:
+                atomic_save(compact_state(state), self.out / COMPACT_STATE_NAME)
 
     def save_weights(self, tag: str, raw: bool) -> None:
         """transformer_{tag}.pt (EMA weights) and, with `raw`, transformer_raw_{tag}.pt; never NaN weights."""
@@ -247,15 +319,36 @@ class TransformerTrainer:
         p.loss_count += 1
         return mean_loss, bool(interrupted)
 
-    def stop_early(self, interrupted: bool, say: Callable[[str], None]) -> None:
-        """Save a state and the weights; an interrupt then ends the process (exit 130), --max-steps returns."""
+    def stop_reason(self, interrupted: bool) -> str | None:
+        """Why the run stops after the step just taken, if it does: interrupted, cooldown (the branch's last
+        step), max-steps or max-minutes."""
+        a, step = self.args, self.progress.step
+        if interrupted:
+            return "interrupted"
+        if self.cooldown_start is not None and step == self.cooldown_start + a.cooldown_steps:
+            return "cooldown"
+        if step == self.last_step:
+            return "max-steps"
+        if a.max_minutes and time.time() - self.started >= 60 * a.max_minutes:
+            return "max-minutes"
+        return None
+
+    def stop_early(self, reason: str, log: CSVLog, started: float, say: Callable[[str], None]) -> None:
+        """Save a state and the weights; an interrupt then ends the process (exit 130), the other stops validate
+        and log a row of their kind first."""
+        if reason != "interrupted":
+            say(self.log_validation(log, started, "cooldown" if reason == "cooldown" else "stop",
+                                    self.progress.epoch))
         self.save_state()
         self.save_weights("last", raw=True)
-        if interrupted:
+        if reason == "interrupted":
             raise TrainingStopped(f"interrupted at step {self.progress.step} (epoch {self.progress.epoch + 1}): "
                                   f"training state saved to {self.state_path}; continue with --resume",
                                   EXIT_INTERRUPTED)
-        say(f"reached --max-steps {self.args.max_steps}: state saved to {self.state_path}; continue with --resume")
+        done = {"cooldown": f"cooldown done (learning rate 0 at step {self.progress.step})",
+                "max-steps": f"reached --max-steps {self.args.max_steps}",
+                "max-minutes": f"reached --max-minutes {self.args.max_minutes:g}"}[reason]
+        say(f"{done}: state saved to {self.state_path}" + ("" if reason == "cooldown" else "; continue with --resume"))
 
     def epoch_order(self) -> torch.Tensor:
         """The order of the training sequences in the current epoch (this rank's share), in train mode."""
@@ -276,51 +369,84 @@ class TransformerTrainer:
             if interrupted:
                 return
 
-    def train_one_epoch(self, interrupt: GracefulInterrupt, say: Callable[[str], None]) -> bool:
-        """The rest of the current epoch, from its saved position; True when the run stopped early."""
+    def train_one_epoch(self, interrupt: GracefulInterrupt, steps: StepLog | None) -> str | None:
+        """The rest of the current epoch, from its saved position; returns why the run stopped early (stop_reason),
+        or None at the epoch's end. Each step goes to `steps` with the learning rate it ran at."""
         a = self.args
         order = self.epoch_order()
+        of_epochs = f"/{a.epochs}" if a.schedule == "cosine" else ""
         bar = tqdm(total=self.steps_per_epoch, initial=self.progress.step_in_epoch,
-                   desc=f"epoch {self.progress.epoch + 1}/{a.epochs}", disable=not self.env.is_main,
+                   desc=f"epoch {self.progress.epoch + 1}{of_epochs}", disable=not self.env.is_main,
                    dynamic_ncols=True, leave=False)
         with bar:
             while self.progress.step_in_epoch < self.steps_per_epoch:
+                lr, began = self.scheduler.get_last_lr()[0], time.perf_counter()
                 loss, interrupted = self.optimizer_step(order, interrupt)
+                if steps is not None:
+                    steps.write(self.progress.step, loss, lr, time.perf_counter() - began)
                 bar.update()
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
-                if interrupted or self.progress.step == a.max_steps:
-                    bar.close()
-                    self.stop_early(interrupted, say)
-                    return True
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+                reason = self.stop_reason(interrupted)
+                if reason:
+                    return reason
                 if a.ckpt_interval and self.progress.step % a.ckpt_interval == 0:
                     self.save_state()
-        return False
+        return None
 
-    def end_epoch(self, log: CSVLog, started: float) -> str:
-        """Validate the EMA weights, save them, log the epoch and save a state; returns the epoch's summary."""
+    def log_validation(self, log: CSVLog, started: float, kind: str, epoch: int) -> str:
+        """Validate the EMA weights on both kinds of val masks and log a row of `kind`; returns its summary."""
         a, p = self.args, self.progress
         val_loss, val_acc = validate(self.ema.module, self.data, a.batch_size, self.env, a.amp)
         hole_loss, hole_acc = validate(self.ema.module, self.data, a.batch_size, self.env, a.amp, holes=True)
         train_loss = p.loss_sum / max(1, p.loss_count)
-        self.progress = Progress(p.epoch + 1, p.step)
-        self.save_weights("last", raw=True)
-        if self.progress.epoch % a.save_per_epoch == 0:
-            self.save_weights(f"epoch_{self.progress.epoch}", raw=False)
         if self.env.is_main:
-            log.write({"epoch": self.progress.epoch, "step": p.step, "train_loss": train_loss, "val_loss": val_loss,
+            log.write({"epoch": epoch, "step": p.step, "train_loss": train_loss, "val_loss": val_loss,
                        "val_acc": val_acc, "lr": self.scheduler.get_last_lr()[0], "seconds": time.time() - started,
-                       "val_hole_loss": hole_loss, "val_hole_acc": hole_acc})
+                       "val_hole_loss": hole_loss, "val_hole_acc": hole_acc, "kind": kind})
+        label = f"epoch {epoch}" if kind == "epoch" else f"{kind} at step {p.step}"
+        return (f"{label}: train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  val_acc {val_acc:.4f}  "
+                f"val_hole_loss {hole_loss:.4f}  val_hole_acc {hole_acc:.4f}  ({time.time() - started:.0f} s)")
+
+    def end_epoch(self, log: CSVLog, started: float) -> str:
+        """Validate, log and save the EMA weights at the end of an epoch, then save a state; returns the summary."""
+        summary = self.log_validation(log, started, "epoch", self.progress.epoch + 1)
+        self.progress = Progress(self.progress.epoch + 1, self.progress.step)
+        self.save_weights("last", raw=True)
+        if self.progress.epoch % self.args.save_per_epoch == 0:
+            self.save_weights(f"epoch_{self.progress.epoch}", raw=False)
         self.save_state()
-        return (f"epoch {self.progress.epoch}: train_loss {train_loss:.4f}  val_loss {val_loss:.4f}  "
-                f"val_acc {val_acc:.4f}  val_hole_loss {hole_loss:.4f}  val_hole_acc {hole_acc:.4f}  "
-                f"({time.time() - started:.0f} s)")
+        return summary
 
     def fit(self, log: CSVLog, say: Callable[[str], None]) -> tuple[BidirectionalTransformer, BidirectionalTransformer]:
-        """Epochs until --epochs (or --max-steps, or Ctrl-C: state saved); returns the raw and the EMA transformer."""
-        with GracefulInterrupt(verbose=self.env.is_main) as interrupt:
-            while self.progress.epoch < self.args.epochs:
-                started = time.time()
-                if self.train_one_epoch(interrupt, say):
-                    break
-                say(self.end_epoch(log, started))
+        """Epochs until --epochs (or --max-steps, --max-minutes, a cooldown's end, or Ctrl-C: state saved); returns
+        the raw and the EMA transformer. train_steps.csv gets every step; sittings.csv where each process began."""
+        self.started = time.time()
+        steps = None
+        if self.env.is_main:
+            steps = StepLog(self.out / "train_steps.csv", keep_until_step=self.progress.step)
+            record_sitting(self.out / "sittings.csv", self.progress.step, self.env, self.args.amp)
+        try:
+            with GracefulInterrupt(verbose=self.env.is_main) as interrupt:
+                while self.progress.epoch < self.args.epochs:
+                    started = time.time()
+                    reason = self.train_one_epoch(interrupt, steps)
+                    if reason:
+                        self.stop_early(reason, log, started, say)
+                        break
+                    say(self.end_epoch(log, started))
+        finally:
+            if steps is not None:
+                steps.close()
         return self.model, self.ema.module
+
+
+SITTING_FIELDS = ["started_utc", "first_step", "machine", "threads", "precision", "processes"]
+
+
+def record_sitting(path: Path, first_step: int, env: DistEnv, amp: str) -> None:
+    """One row per process start: the machine a stretch of train_steps.csv ran on (sittings differ in CPU)."""
+    lines = path.read_text().splitlines() if path.is_file() else [",".join(SITTING_FIELDS)]
+    machine = device_name(env.device).replace(",", " ")
+    row = [time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), str(first_step), machine, str(torch.get_num_threads()),
+           "bf16" if amp == "bf16" else "fp32", str(env.world_size)]
+    atomic_write_text("\n".join(lines + [",".join(row)]) + "\n", path)

@@ -9,6 +9,7 @@ precision is 'auto', decided here once.
 from __future__ import annotations
 
 import functools
+import platform
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -49,3 +50,16 @@ def autocast(device: torch.device | str, amp: str) -> AbstractContextManager:
 def conv_memory_format(device: torch.device | str) -> torch.memory_format:
     """channels_last where the convolution kernels are tuned for it (bf16 hardware), the default layout elsewhere."""
     return torch.channels_last if bf16_is_fast(device) else torch.contiguous_format
+
+
+def device_name(device: torch.device | str) -> str:
+    """The GPU's or the CPU's model name, for the records of which machine a measurement ran on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or "unknown CPU"

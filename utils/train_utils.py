@@ -55,6 +55,20 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
     return factor
 
 
+def warmup_stable_decay(warmup_steps: int, cooldown_start: int | None = None,
+                        cooldown_steps: int = 0) -> Callable[[int], float]:
+    """LR multiplier for LambdaLR, warmup-stable-decay (WSD): linear warm-up to 1, then constant (the trunk, which
+    needs no end); a cooldown branch from step `cooldown_start` falls as 1 - sqrt(k / cooldown_steps) over its
+    steps k = 1..cooldown_steps, so its last step runs at learning rate 0 (Hagele et al. 2024)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if cooldown_start is None or step < cooldown_start:
+            return 1.0
+        return 1.0 - math.sqrt(min(1.0, (step - cooldown_start + 1) / cooldown_steps))
+    return factor
+
+
 class EMA:
     """Exponential moving average of a model's weights; `module` is the averaged copy (eval mode, no grads).
 
@@ -224,3 +238,30 @@ class CSVLog:
             return f"{v:.6g}" if isinstance(v, float) else str(v)
         self.lines.append(",".join(fmt(row[f]) for f in self.fields))
         atomic_write_text("\n".join(self.lines) + "\n", self.path)
+
+
+class StepLog:
+    """Every optimizer step as a CSV line (step, train_loss, lr it ran at, seconds it took, threads), appended and
+    flushed as it happens: the record that shows a resume continues without a jump and how fast each sitting ran.
+    On resume, lines after the resumed step (and a half-written last line) are dropped."""
+
+    FIELDS = ["step", "train_loss", "lr", "seconds", "threads"]
+
+    def __init__(self, path: str | Path, keep_until_step: int) -> None:
+        self.path = Path(path)
+        header = ",".join(self.FIELDS)
+        kept = [header]
+        if self.path.is_file():
+            old = self.path.read_text().splitlines()
+            if old and old[0] == header:
+                kept += [ln for ln in old[1:] if ln.count(",") == len(self.FIELDS) - 1 and
+                         ln.split(",")[0].isdigit() and int(ln.split(",")[0]) <= keep_until_step]
+        atomic_write_text("\n".join(kept) + "\n", self.path)
+        self.file = open(self.path, "a")
+
+    def write(self, step: int, loss: float, lr: float, seconds: float) -> None:
+        self.file.write(f"{step},{loss:.6g},{lr:.6g},{seconds:.4g},{torch.get_num_threads()}\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()

@@ -16,9 +16,9 @@ DEFAULT_CPU_ADAMW = "foreach"  # torch's own CPU default; see configure_optimize
 class EncoderLayer(nn.Module):
     """Post-norm layer: x = LN1(x + drop(Attn(x))); x = LN2(x + MLP(x))."""
 
-    def __init__(self, dim: int, hidden_dim: int, num_heads: int, dropout: float) -> None:
+    def __init__(self, dim: int, hidden_dim: int, num_heads: int, dropout: float, attn_dropout: float) -> None:
         super().__init__()
-        self.Attention = MultiHeadAttention(dim, num_heads, dropout)
+        self.Attention = MultiHeadAttention(dim, num_heads, attn_dropout)
         self.LayerNorm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.LayerNorm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.MLP = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, dim), Dropout(dropout))
@@ -33,7 +33,8 @@ class BidirectionalTransformer(nn.Module):
     """Predicts a distribution over codebook ids (plus the mask id) at every one of the image's token positions.
 
     cfg keys: num_image_tokens, num_codebook_vectors, dim, n_layers, hidden_dim; optional num_heads (16),
-    dropout (0.1). The output head is tied to the token embedding: logits = h @ tok_emb.weight^T + bias.
+    dropout (0.1) and attn_dropout (default: dropout), the dropout on the attention probabilities, which on the
+    CPU costs more than the rest together ([B, heads, N, N] random draws). The output head is tied to the token embedding: logits = h @ tok_emb.weight^T + bias.
     """
 
     def __init__(self, cfg: dict[str, Any]) -> None:
@@ -43,13 +44,13 @@ class BidirectionalTransformer(nn.Module):
         self.num_codebook_vectors = cfg["num_codebook_vectors"]
         self.mask_token_id = self.num_codebook_vectors  # the extra, last embedding row
         dropout = cfg.get("dropout", 0.1)
+        attn_dropout = cfg.get("attn_dropout", dropout)
         # registration order fixes the state_dict order, which must match the lab's
         self.pos_emb = nn.Parameter(torch.zeros(self.num_image_tokens, dim))
         self.bias = nn.Parameter(torch.zeros(self.num_image_tokens, self.num_codebook_vectors + 1))
         self.tok_emb = nn.Embedding(self.num_codebook_vectors + 1, dim)
-        self.blocks = nn.Sequential(*[
-            EncoderLayer(dim, cfg["hidden_dim"], cfg.get("num_heads", 16), dropout) for _ in range(cfg["n_layers"])
-        ])
+        self.blocks = nn.Sequential(*[EncoderLayer(dim, cfg["hidden_dim"], cfg.get("num_heads", 16), dropout, attn_dropout)
+                                      for _ in range(cfg["n_layers"])])
         self.Token_Prediction = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim, eps=LN_EPS))
         self.LN = nn.LayerNorm(dim, eps=LN_EPS)
         self.drop = Dropout(dropout)

@@ -1,0 +1,161 @@
+"""Warmup-stable-decay: the trunk that continues from sitting to sitting and machine to machine, and its cooldown
+branches (tiny CPU runs)."""
+from __future__ import annotations
+
+import csv
+import math
+import shutil
+
+import pytest
+import torch
+from tiny_maskgit import make_tiny_setup
+
+import training_transformer
+from models.VQGAN import load_vqgan
+from training.token_cache import ensure_token_cache
+from training.transformer import COMPACT_STATE_NAME
+from utils.checkpoint import load_training_state, load_weights
+from utils.train_utils import warmup_stable_decay
+
+LR = 1e-3
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    setup = make_tiny_setup(tmp_path_factory.mktemp("tiny"))
+    setup.cache = setup.root / "tokens.pt"
+    ensure_token_cache(load_vqgan(setup.vq_config, setup.vq_ckpt), setup.vq_ckpt, setup.train_dir, setup.train_dir,
+                       setup.cache, torch.device("cpu"), precision="fp32", verbose=False)
+    return setup
+
+
+def run(tiny, out, *extra):
+    argv = ["--MaskGitConfig", str(tiny.maskgit_config), "--train_d_path", str(tiny.train_dir),
+            "--val_d_path", str(tiny.train_dir), "--checkpoint-path", str(out), "--device", "cpu",
+            "--num_workers", "0", "--batch-size", "4", "--warmup-steps", "2", "--learning-rate", str(LR),
+            "--token-cache", str(tiny.cache), "--cache-precision", "fp32", "--schedule", "wsd"]
+    return training_transformer.main(argv + [str(a) for a in extra])
+
+
+def rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def step_losses(folder):
+    return {int(r["step"]): float(r["train_loss"]) for r in rows(folder / "train_steps.csv")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny, tmp_path_factory):
+    """A trunk of 16 steps (4 epochs of 4) in one go."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    assert run(tiny, out, "--max-steps", 16) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_sitting(tiny, tmp_path_factory):
+    """The same trunk stopped after 6 steps (mid-epoch 2)."""
+    out = tmp_path_factory.mktemp("first_sitting")
+    assert run(tiny, out, "--max-steps", 6) == 0
+    return out
+
+
+def test_warmup_stable_decay_is_constant_after_the_warm_up_and_decays_to_zero():
+    trunk = warmup_stable_decay(4)
+    assert [trunk(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert all(trunk(s) == 1.0 for s in range(4, 10_000, 97))
+    branch = warmup_stable_decay(4, cooldown_start=100, cooldown_steps=10)
+    assert branch(99) == 1.0  # the trunk's rate up to the branch point
+    decay = [branch(100 + k) for k in range(10)]  # the rates of the branch's steps 1..10 (LambdaLR's step - 1)
+    assert decay == pytest.approx([1 - math.sqrt(k / 10) for k in range(1, 11)])
+    assert decay[-1] == 0.0 and all(a > b for a, b in zip(decay, decay[1:]))
+
+
+def test_a_trunk_resumed_within_a_sitting_is_exact(tiny, tmp_path, uninterrupted, first_sitting):
+    out = tmp_path / "trunk"
+    shutil.copytree(first_sitting, out)
+    assert run(tiny, out, "--resume", "--max-steps", 16) == 0
+    a, b = load_weights(uninterrupted / "transformer_raw_last.pt"), load_weights(out / "transformer_raw_last.pt")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert step_losses(out) == step_losses(uninterrupted)
+    assert [r["kind"] for r in rows(out / "log.csv")] == ["epoch", "stop", "epoch", "epoch", "stop"]
+
+
+def test_a_trunk_continued_on_another_machine_from_its_compact_state_has_no_jump(tiny, tmp_path, uninterrupted,
+                                                                                    first_sitting):
+    full, compact = first_sitting / "training_state.pt", first_sitting / COMPACT_STATE_NAME
+    assert compact.stat().st_size < 0.5 * full.stat().st_size
+    state = load_training_state(compact)
+    assert state["compact"] and "ema" not in state and state["step"] == 6
+    moments = list(state["optimizer"]["state"].values())
+    assert all(m["exp_avg_sq"].dtype == torch.bfloat16 and m["exp_avg_fp8"].dtype == torch.float8_e4m3fn for m in moments)
+    assert all(v.dtype == torch.float32 for v in state["model"].values())
+
+    machine = tmp_path / "other_machine"  # nothing but the committed file
+    machine.mkdir()
+    shutil.copy(compact, machine / COMPACT_STATE_NAME)
+    out = tmp_path / "trunk"
+    assert run(tiny, out, "--resume-from", machine / COMPACT_STATE_NAME, "--max-steps", 16) == 0
+    before, after = step_losses(uninterrupted), step_losses(out)
+    assert sorted(after) == list(range(7, 17))
+    gaps = [abs(after[s] - before[s]) for s in after]
+    assert max(gaps) < 0.01, gaps  # the same batches and masks; the moments rounded, the EMA restarted
+    scratch = step_losses(first_sitting)  # a restart from scratch would sit at the first steps' losses
+    assert min(abs(after[7] - scratch[s]) for s in (1, 2)) > 5 * max(gaps)
+
+
+def test_a_cooldown_branch_reaches_rate_zero_at_its_last_step_and_leaves_the_trunk_alone(tiny, tmp_path,
+                                                                                         uninterrupted, first_sitting):
+    trunk = tmp_path / "trunk"
+    shutil.copytree(first_sitting, trunk)
+    before = (trunk / "training_state.pt").read_bytes()
+    branch = tmp_path / "cooldown"
+    assert run(tiny, branch, "--resume-from", trunk / "training_state.pt", "--cooldown-steps", 5) == 0
+    steps = rows(branch / "train_steps.csv")
+    assert [int(r["step"]) for r in steps] == [7, 8, 9, 10, 11]
+    rates = [float(r["lr"]) for r in steps]
+    assert rates == pytest.approx([LR * (1 - math.sqrt(k / 5)) for k in range(1, 6)], rel=1e-4)
+    assert rates[-1] == 0.0
+    log = rows(branch / "log.csv")
+    assert [(r["kind"], r["step"]) for r in log] == [("epoch", "8"), ("cooldown", "11")]
+    state = load_training_state(branch / "training_state.pt")
+    assert state["cooldown_start"] == 6 and state["step"] == 11
+    assert not (branch / COMPACT_STATE_NAME).exists()  # a branch is not a trunk to continue
+    assert (branch / "transformer_last.pt").is_file()
+    # the trunk's state is untouched, and the trunk continues as if no branch had been taken
+    assert (trunk / "training_state.pt").read_bytes() == before
+    assert run(tiny, trunk, "--resume", "--max-steps", 16) == 0
+    assert step_losses(trunk) == step_losses(uninterrupted)
+
+
+def test_max_minutes_stops_the_trunk_with_a_state_and_a_log_row(tiny, tmp_path):
+    out = tmp_path / "trunk"
+    assert run(tiny, out, "--max-minutes", 1e-6) == 0
+    assert load_training_state(out / "training_state.pt")["step"] == 1
+    assert [(r["kind"], r["step"]) for r in rows(out / "log.csv")] == [("stop", "1")]
+    sittings = rows(out / "sittings.csv")
+    assert len(sittings) == 1 and sittings[0]["first_step"] == "0" and sittings[0]["machine"]
+
+
+@pytest.mark.parametrize("case", ["cooldown_without_wsd", "cooldown_without_trunk", "cooldown_into_trunk",
+                                  "resume_a_branch_as_trunk", "resume_and_resume_from"])
+def test_wsd_user_errors_exit_2_with_one_line(tiny, tmp_path, first_sitting, capsys, case):
+    trunk_state = first_sitting / "training_state.pt"
+    extra = {"cooldown_without_wsd": ["--schedule", "cosine", "--cooldown-steps", 3, "--resume-from", trunk_state],
+             "cooldown_without_trunk": ["--cooldown-steps", 3],
+             "cooldown_into_trunk": ["--cooldown-steps", 3, "--resume-from", trunk_state],
+             "resume_a_branch_as_trunk": ["--resume"],
+             "resume_and_resume_from": ["--resume", "--resume-from", trunk_state]}[case]
+    out = first_sitting if case == "cooldown_into_trunk" else tmp_path / "out"
+    if case == "resume_a_branch_as_trunk":
+        assert run(tiny, out, "--resume-from", trunk_state, "--cooldown-steps", 2) == 0
+    capsys.readouterr()
+    assert run(tiny, out, *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and not any("Traceback" in ln for ln in err), err
+    expected = {"cooldown_without_wsd": "--schedule wsd", "cooldown_without_trunk": "--resume-from",
+                "cooldown_into_trunk": "folder of its own", "resume_a_branch_as_trunk": "cooldown branch",
+                "resume_and_resume_from": "pass one"}[case]
+    assert expected in err[-1]

@@ -17,7 +17,7 @@ def read_log(path: str | Path) -> dict[str, list[float]]:
         rows = list(csv.DictReader(f))
     if not rows:
         raise SystemExit(f"error: {path}: no rows; train for at least one epoch first")
-    return {k: [float(r[k]) for r in rows] for k in rows[0]}
+    return {k: [float(r[k]) for r in rows] for k in rows[0] if k != "kind"}  # kind: epoch / stop / cooldown
 
 
 def main() -> None:

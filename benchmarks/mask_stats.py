@@ -1,4 +1,4 @@
-"""How much of each masked token is still known: the numbers behind pixel guidance (README "Results").
+"""How much of each masked token is still known: the numbers behind pixel guidance (docs/RESULTS.md).
 
     python benchmarks/mask_stats.py --mask-path cat_face/mask64
 """

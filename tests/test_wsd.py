@@ -10,6 +10,7 @@ import pytest
 import torch
 from tiny_maskgit import make_tiny_setup
 
+import plot_long_run
 import training_transformer
 from models.VQGAN import load_vqgan
 from training.token_cache import ensure_token_cache
@@ -159,3 +160,21 @@ def test_wsd_user_errors_exit_2_with_one_line(tiny, tmp_path, first_sitting, cap
                 "cooldown_into_trunk": "folder of its own", "resume_a_branch_as_trunk": "cooldown branch",
                 "resume_and_resume_from": "pass one"}[case]
     assert expected in err[-1]
+
+
+def test_plot_long_run_draws_the_trunk_and_its_cooldowns_and_tables_each_sitting(tiny, tmp_path, first_sitting,
+                                                                                 capsys):
+    trunk = tmp_path / "trunk"
+    shutil.copytree(first_sitting, trunk)
+    assert run(tiny, trunk, "--resume", "--max-steps", 12) == 0  # a second sitting
+    assert run(tiny, tmp_path / "cooldown_12", "--resume-from", trunk / "training_state.pt", "--cooldown-steps", 2) == 0
+    capsys.readouterr()
+    out = tmp_path / "long_run.png"
+    assert plot_long_run.main(["--trunk", str(trunk), "--cooldowns", str(tmp_path / "cooldown_12"),
+                               "--output", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    sittings = [ln for ln in printed.splitlines() if ln.startswith("| 1 |") or ln.startswith("| 2 |")]
+    assert len(sittings) == 2 and "| 1-6 |" in sittings[0] and "| 7-12 |" in sittings[1]
+    assert "| 6 | " in printed  # the resume after step 6: losses before and after
+    assert "| cooldown_12 | 12 | 2 |" in printed

@@ -275,7 +275,7 @@ class Settings:
     decoding_config: str = "configs/MaskGit_demo.yml"
 
 
-# the transformer recipe beyond the size's batch and learning rate: the MaskGIT paper's (README "Stage 2")
+# the transformer recipe beyond the size's batch and learning rate: the MaskGIT paper's (docs/TRAINING.md "Stage 2: the transformer")
 TRANSFORMER_RECIPE = {"betas": (0.9, 0.96), "weight_decay": 0.045, "label_smoothing": 0.1, "grad_clip": 1.0,
                       "ema_decay": 0.999, "warmup_fraction": 0.05}
 

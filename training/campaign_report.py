@@ -178,7 +178,7 @@ def campaign_row(results: dict[str, Any], fids: dict[str, float | None]) -> str:
 
 
 def shipped_row(metrics: dict[str, Any], fids: dict[str, float | None], counts: dict[str, tuple[int, int]]) -> str:
-    return _pair_row("shipped CPU pair (pretrained/)", "CPU (README Results)", metrics["params"], "see Results",
+    return _pair_row("shipped CPU pair (pretrained/)", "CPU (docs/RESULTS.md)", metrics["params"], "see Results",
                      metrics, fids, counts)
 
 

@@ -1,0 +1,126 @@
+"""The long stage-2 run (--schedule wsd) across its sittings: val loss and val_hole_loss of the trunk and of its
+cooldown branches against optimizer steps and CPU-hours (docs/long_run.png), and three tables in Markdown: each
+sitting's machine and speed, the train loss around each resume (a continuation must not jump), the cooldowns.
+
+    python plot_long_run.py --trunk runs/long_run/trunk --cooldowns runs/long_run/cooldown_* \
+        --output docs/long_run.png
+
+A folder is one written by training_transformer.py (log.csv, train_steps.csv, sittings.csv); CPU-hours are the
+seconds of every step times the threads it ran on, a cooldown's counted on from its branch point.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+AROUND_RESUME = 200  # steps compared before and after each resume
+
+
+@dataclass
+class RunFolder:
+    """The logs of one training folder: log.csv rows, per-step (step, loss, seconds x threads), sittings."""
+    name: str
+    log: list[dict[str, str]]
+    steps: list[tuple[int, float, float]]
+    sittings: list[dict[str, str]]
+
+    @classmethod
+    def read(cls, folder: Path) -> "RunFolder":
+        def rows(name: str) -> list[dict[str, str]]:
+            path = folder / name
+            if not path.is_file():
+                raise SystemExit(f"error: {path} not found; pass a folder written by training_transformer.py")
+            with open(path, newline="") as f:
+                return list(csv.DictReader(f))
+        steps = [(int(r["step"]), float(r["train_loss"]), float(r["seconds"]) * int(r["threads"]))
+                 for r in rows("train_steps.csv")]
+        return cls(folder.name, rows("log.csv"), steps, rows("sittings.csv"))
+
+    def cpu_hours_at(self, offset: float = 0.0) -> dict[int, float]:
+        """Cumulative CPU-hours at the end of each step, from `offset` at the first."""
+        out, total = {}, offset
+        for step, _, cpu_seconds in self.steps:
+            total += cpu_seconds / 3600
+            out[step] = total
+        return out
+
+
+def sitting_table(trunk: RunFolder) -> list[str]:
+    lines = ["| sitting | machine | threads | precision | steps | steps/s | CPU-hours |",
+             "| ---: | --- | ---: | --- | ---: | ---: | ---: |"]
+    starts = [int(s["first_step"]) for s in trunk.sittings] + [10 ** 12]
+    for i, s in enumerate(trunk.sittings):
+        mine = [r for r in trunk.steps if starts[i] < r[0] <= starts[i + 1]]
+        seconds = sum(r[2] for r in mine) / max(1, int(s["threads"]))
+        rate = len(mine) / seconds if seconds else float("nan")
+        lines.append(f"| {i + 1} | {s['machine']} | {s['threads']} | {s['precision']} | "
+                     f"{mine[0][0] if mine else '-'}-{mine[-1][0] if mine else '-'} | {rate:.3f} | "
+                     f"{sum(r[2] for r in mine) / 3600:.2f} |")
+    return lines
+
+
+def resume_table(trunk: RunFolder) -> list[str]:
+    losses = {step: loss for step, loss, _ in trunk.steps}
+    lines = [f"| resumed after step | mean train loss, {AROUND_RESUME} steps before | the {AROUND_RESUME} after | "
+             "change |", "| ---: | ---: | ---: | ---: |"]
+    for s in trunk.sittings[1:]:
+        first = int(s["first_step"])
+        before = [losses[k] for k in range(first - AROUND_RESUME + 1, first + 1) if k in losses]
+        after = [losses[k] for k in range(first + 1, first + AROUND_RESUME + 1) if k in losses]
+        if before and after:
+            b, a = sum(before) / len(before), sum(after) / len(after)
+            lines.append(f"| {first} | {b:.4f} | {a:.4f} | {a - b:+.4f} |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trunk", required=True, type=Path, help="the trunk's folder")
+    p.add_argument("--cooldowns", nargs="*", type=Path, default=[], help="cooldown branch folders")
+    p.add_argument("--output", default="docs/long_run.png")
+    args = p.parse_args(argv)
+    trunk = RunFolder.read(args.trunk)
+    trunk_hours = trunk.cpu_hours_at()
+    fig = Figure(figsize=(12, 4), dpi=100)
+    by_step, by_hours = fig.subplots(1, 2)
+    cooldown_lines = ["| cooldown | branch from step | steps | CPU-hours at its end | val loss | val_hole_loss |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    trunk_rows = [r for r in trunk.log if r["step"] and int(r["step"]) in trunk_hours]
+    for key, style in (("val_loss", "o-"), ("val_hole_loss", "s-")):
+        steps = [int(r["step"]) for r in trunk_rows]
+        values = [float(r[key]) for r in trunk_rows]
+        by_step.plot(steps, values, style, ms=3, label=f"trunk {key}")
+        by_hours.plot([trunk_hours[s] for s in steps], values, style, ms=3, label=f"trunk {key}")
+    for folder in args.cooldowns:
+        branch = RunFolder.read(folder)
+        ends = [r for r in branch.log if r.get("kind") == "cooldown"]
+        if not ends or not branch.steps:
+            print(f"note: {folder}: no finished cooldown, left out", file=sys.stderr)
+            continue
+        start = branch.steps[0][0] - 1
+        hours = branch.cpu_hours_at(trunk_hours.get(start, 0.0))
+        end = ends[-1]
+        for key, marker in (("val_loss", "*"), ("val_hole_loss", "P")):
+            for ax, x in ((by_step, int(end["step"])), (by_hours, hours[int(end["step"])])):
+                ax.plot([x], [float(end[key])], marker, ms=11, color="C3" if key == "val_loss" else "C2",
+                        label=f"cooldown {key}" if folder == args.cooldowns[0] else None)
+        cooldown_lines.append(f"| {folder.name} | {start} | {int(end['step']) - start} | "
+                              f"{hours[int(end['step'])]:.2f} | {float(end['val_loss']):.4f} | "
+                              f"{float(end['val_hole_loss']):.4f} |")
+    by_step.set(title="stage 2, long run: val cross-entropy (EMA weights)", xlabel="optimizer step")
+    by_hours.set(title="against compute", xlabel="CPU-hours (seconds x threads)")
+    by_step.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.output)
+    print(f"wrote {args.output}\n")
+    print("\n".join(sitting_table(trunk) + [""] + resume_table(trunk) + [""] + cooldown_lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,43 +11,15 @@ seconds of every step times the threads it ran on, a cooldown's counted on from 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from training.run_logs import RunFolder
+from utils.cli import OneLineParser, run_cli
+
 AROUND_RESUME = 200  # steps compared before and after each resume
-
-
-@dataclass
-class RunFolder:
-    """The logs of one training folder: log.csv rows, per-step (step, loss, seconds x threads), sittings."""
-    name: str
-    log: list[dict[str, str]]
-    steps: list[tuple[int, float, float]]
-    sittings: list[dict[str, str]]
-
-    @classmethod
-    def read(cls, folder: Path) -> "RunFolder":
-        def rows(name: str) -> list[dict[str, str]]:
-            path = folder / name
-            if not path.is_file():
-                raise SystemExit(f"error: {path} not found; pass a folder written by training_transformer.py")
-            with open(path, newline="") as f:
-                return list(csv.DictReader(f))
-        steps = [(int(r["step"]), float(r["train_loss"]), float(r["seconds"]) * int(r["threads"]))
-                 for r in rows("train_steps.csv")]
-        return cls(folder.name, rows("log.csv"), steps, rows("sittings.csv"))
-
-    def cpu_hours_at(self, offset: float = 0.0) -> dict[int, float]:
-        """Cumulative CPU-hours at the end of each step, from `offset` at the first."""
-        out, total = {}, offset
-        for step, _, cpu_seconds in self.steps:
-            total += cpu_seconds / 3600
-            out[step] = total
-        return out
 
 
 def sitting_table(trunk: RunFolder) -> list[str]:
@@ -78,12 +50,7 @@ def resume_table(trunk: RunFolder) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--trunk", required=True, type=Path, help="the trunk's folder")
-    p.add_argument("--cooldowns", nargs="*", type=Path, default=[], help="cooldown branch folders")
-    p.add_argument("--output", default="docs/long_run.png")
-    args = p.parse_args(argv)
+def plot(args: argparse.Namespace) -> None:
     trunk = RunFolder.read(args.trunk)
     trunk_hours = trunk.cpu_hours_at()
     fig = Figure(figsize=(12, 4), dpi=100)
@@ -119,7 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     fig.savefig(args.output)
     print(f"wrote {args.output}\n")
     print("\n".join(sitting_table(trunk) + [""] + resume_table(trunk) + [""] + cooldown_lines))
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trunk", required=True, type=Path, help="the trunk's folder")
+    p.add_argument("--cooldowns", nargs="*", type=Path, default=[], help="cooldown branch folders")
+    p.add_argument("--output", default="docs/long_run.png")
+    args = p.parse_args(argv)
+    return run_cli(lambda: plot(args))
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ import torch
 from tiny_maskgit import make_tiny_setup
 
 import plot_long_run
+from benchmarks import compare_runs
 import training_transformer
 from models.VQGAN import load_vqgan
 from training.token_cache import ensure_token_cache
-from training.transformer import COMPACT_STATE_NAME
+from training.transformer import COMPACT_STATE_NAME, compact_state, expand_compact_state
 from utils.checkpoint import load_training_state, load_weights
 from utils.train_utils import warmup_stable_decay
 
@@ -91,7 +92,7 @@ def test_a_trunk_continued_on_another_machine_from_its_compact_state_has_no_jump
     state = load_training_state(compact)
     assert state["compact"] and "ema" not in state and state["step"] == 6
     moments = list(state["optimizer"]["state"].values())
-    assert all(m["exp_avg_sq"].dtype == torch.bfloat16 and m["exp_avg_fp8"].dtype == torch.float8_e4m3fn for m in moments)
+    assert all(m["exp_avg_sq_log8"].dtype == torch.uint8 and "exp_avg" not in m for m in moments)
     assert all(v.dtype == torch.float32 for v in state["model"].values())
 
     machine = tmp_path / "other_machine"  # nothing but the committed file
@@ -105,6 +106,19 @@ def test_a_trunk_continued_on_another_machine_from_its_compact_state_has_no_jump
     assert max(gaps) < 0.01, gaps  # the same batches and masks; the moments rounded, the EMA restarted
     scratch = step_losses(first_sitting)  # a restart from scratch would sit at the first steps' losses
     assert min(abs(after[7] - scratch[s]) for s in (1, 2)) > 5 * max(gaps)
+
+
+def test_compact_moments_keep_every_step_size_within_the_log_grid_and_zeros_exact():
+    second = torch.cat([torch.zeros(3), torch.logspace(-30, -2, 997, base=2.0)]).reshape(10, 100)
+    second = second[:, torch.randperm(100, generator=torch.Generator().manual_seed(0))]
+    state = {"step": 5, "model": {}, "optimizer": {"param_groups": [], "state": {
+        0: {"step": torch.tensor(5.0), "exp_avg": torch.randn(10, 100), "exp_avg_sq": second}}}}
+    back = expand_compact_state(compact_state(state))["optimizer"]["state"][0]
+    assert back["exp_avg_sq"].shape == second.shape and torch.equal(back["exp_avg_sq"] == 0, second == 0)
+    ratio = (back["exp_avg_sq"][second > 0] / second[second > 0]).sqrt()
+    bound = 2 ** (28 / 1016) - 1  # a span of 28 binades
+    assert (ratio - 1).abs().max() <= bound + 1e-6 and (ratio - 1).abs().max() > bound / 4
+    assert not back["exp_avg"].any() and float(back["step"]) == 5.0
 
 
 def test_a_cooldown_branch_reaches_rate_zero_at_its_last_step_and_leaves_the_trunk_alone(tiny, tmp_path,
@@ -178,3 +192,16 @@ def test_plot_long_run_draws_the_trunk_and_its_cooldowns_and_tables_each_sitting
     assert len(sittings) == 2 and "| 1-6 |" in sittings[0] and "| 7-12 |" in sittings[1]
     assert "| 6 | " in printed  # the resume after step 6: losses before and after
     assert "| cooldown_12 | 12 | 2 |" in printed
+
+
+def test_compare_runs_tables_each_run_and_refuses_unpaired_cooldowns(tiny, tmp_path, uninterrupted, first_sitting,
+                                                                   capsys):
+    out = tmp_path / "curves.png"
+    assert compare_runs.main(["--runs", str(uninterrupted), str(first_sitting), "--output", str(out)]) == 0
+    assert out.stat().st_size > 10_000
+    table = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith(f"| {uninterrupted.name} |")
+             or ln.startswith(f"| {first_sitting.name} |")]
+    assert len(table) == 2 and "| 16 |" in table[0] and "| 6 |" in table[1]
+    assert compare_runs.main(["--runs", str(uninterrupted), "--cooldowns", str(tmp_path), str(tmp_path),
+                              "--output", str(out)]) == 2
+    assert "one per run" in capsys.readouterr().err

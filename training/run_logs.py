@@ -1,0 +1,38 @@
+"""What a training folder of training_transformer.py logged (log.csv, train_steps.csv, sittings.csv), read for the
+plots and tables of long runs and studies (plot_long_run.py, benchmarks/compare_runs.py)."""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.cli import UserError
+
+
+@dataclass
+class RunFolder:
+    """The logs of one training folder: log.csv rows, per-step (step, loss, seconds x threads), sittings."""
+    name: str
+    log: list[dict[str, str]]
+    steps: list[tuple[int, float, float]]
+    sittings: list[dict[str, str]]
+
+    @classmethod
+    def read(cls, folder: Path) -> "RunFolder":
+        def rows(name: str) -> list[dict[str, str]]:
+            path = folder / name
+            if not path.is_file():
+                raise UserError(f"{path} not found; pass a folder written by training_transformer.py")
+            with open(path, newline="") as f:
+                return list(csv.DictReader(f))
+        steps = [(int(r["step"]), float(r["train_loss"]), float(r["seconds"]) * int(r["threads"]))
+                 for r in rows("train_steps.csv")]
+        return cls(folder.name, rows("log.csv"), steps, rows("sittings.csv"))
+
+    def cpu_hours_at(self, offset: float = 0.0) -> dict[int, float]:
+        """Cumulative CPU-hours at the end of each step, from `offset` at the first."""
+        out, total = {}, offset
+        for step, _, cpu_seconds in self.steps:
+            total += cpu_seconds / 3600
+            out[step] = total
+        return out

@@ -10,8 +10,8 @@ FLOPs are counted analytically, matmuls only, for all N positions:
               + 12 * L * N^2 * d             (QK^T and AV: 2 * 2N^2 d forward per layer, twice that backward)
 with P_mm = all Linear weights + the tied output embedding (num_codebook_vectors+1) x d, N tokens, L layers,
 d = dim. LayerNorm, GELU, softmax, dropout and the optimizer are not counted (they cost time, not counted FLOPs).
-Work a version of the step skips still counts (all N positions), so it shows as effective throughput and the
-numbers compare across versions of the step.
+Work a version of the step skips still counts (all N positions, though the trainer's output head runs on the masked
+positions only), so it shows as effective throughput and the numbers compare across versions of the step.
 The precision is the trainer's (--amp auto: bf16 autocast where the CPU has fast bf16 kernels, else fp32).
 The reference is a [4096, d] x [d, 4d] matmul in that precision, timed right after every timed step (mean of
 10 runs each time, median over steps), so that both see the same load on a shared machine.

@@ -16,6 +16,7 @@ import yaml
 
 from models.Transformer import ADAMW_IMPLEMENTATIONS, BidirectionalTransformer, MultiHeadAttention
 from models.Transformer.attention import Dropout
+from models.VQGAN_Transformer import mvtm_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB_TSV = ROOT / "tests" / "fixtures" / "transformer_state_dict_no_attention.tsv"  # the lab's layout, no attention
@@ -197,6 +198,34 @@ def test_output_head_is_tied_embedding_plus_bias() -> None:
         others = torch.ones(1025, dtype=torch.bool)
         others[900] = False
         torch.testing.assert_close(edited[..., others], shifted[..., others])
+
+
+def loss_and_grads(model: BidirectionalTransformer, tokens: torch.Tensor, mask: torch.Tensor, masked_only: bool,
+                   amp: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss (label smoothing 0.1) and every gradient, with the same dropout draws on every call."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        logits = model(tokens.masked_fill(mask, model.mask_token_id), mask if masked_only else None)
+    loss = mvtm_loss(logits, tokens, mask, label_smoothing=0.1)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_logits_at_the_masked_positions_give_the_loss_and_gradients_of_all_logits(amp: bool) -> None:
+    """The training forward (logits at the masked positions only) is the full forward's math: same loss, same
+    gradients (to fp32 rounding, or bf16 rounding under autocast), dropout included."""
+    torch.manual_seed(0)
+    model = BidirectionalTransformer(SMALL).train()
+    tokens = torch.randint(0, 1024, (3, 256))
+    mask = torch.rand(3, 256) < torch.tensor([[0.1], [0.5], [1.0]])
+    full_loss, full = loss_and_grads(model, tokens, mask, masked_only=False, amp=amp)
+    loss, grads = loss_and_grads(model, tokens, mask, masked_only=True, amp=amp)
+    assert model(tokens, mask).shape == (int(mask.sum()), 1025)
+    torch.testing.assert_close(loss, full_loss, rtol=1e-3 if amp else 1e-6, atol=0.0)
+    for name, grad in full.items():
+        assert_close_to_scale(grads[name], grad, tol=2e-2 if amp else 1e-5)
 
 
 def test_encoder_layer_is_post_norm() -> None:

@@ -385,7 +385,7 @@ class TransformerTrainer:
             last_micro = micro == a.accum_grad - 1
             with nullcontext() if last_micro or not env.distributed else self.ddp_model.no_sync():
                 with autocast(env.device, a.amp):
-                    logits = self.forward_model(corrupted)
+                    logits = self.forward_model(corrupted, mask)  # the masked positions only
                 loss = self.maskgit.loss(logits, target, mask, a.label_smoothing) / a.accum_grad
                 loss.backward()
             step_loss += loss.detach()

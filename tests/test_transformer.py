@@ -15,6 +15,7 @@ import torch.nn as nn
 import yaml
 
 from models.Transformer import ADAMW_IMPLEMENTATIONS, BidirectionalTransformer, MultiHeadAttention
+from models.Transformer import attention
 from models.Transformer.attention import Dropout
 from models.VQGAN_Transformer import mvtm_loss
 
@@ -93,6 +94,47 @@ def test_model_bf16_autocast_close_to_fp32() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(tokens).float()
     assert (low - ref).norm() / ref.norm() < 0.03
+
+
+def plain_attention(m: MultiHeadAttention, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention by autograd's plain math (the CUDA and torch.compile path), with an optional dropout mask."""
+    b, n, dim = x.shape
+    q, k, v = m.qkv(x).view(b, n, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
+    probs = torch.matmul(q * m.scale, k.transpose(-2, -1)).softmax(dim=-1)
+    if keep is not None:
+        probs = probs * keep.view(probs.shape) / (1.0 - m.attn_drop.p)
+    return m.proj(torch.matmul(probs, v).transpose(1, 2).reshape(b, n, dim))
+
+
+def attention_and_grads(forward, m: MultiHeadAttention, x: torch.Tensor, grad_out: torch.Tensor, amp: bool
+                        ) -> list[torch.Tensor]:
+    m.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        y = forward(x)
+    y.float().backward(grad_out)
+    return [y.detach().float(), x.grad] + [p.grad for p in m.parameters()]
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_chunked_cpu_attention_equals_the_plain_math(amp: bool, p: float, monkeypatch) -> None:
+    """The CPU path (chunks of heads, backward written out) gives autograd's outputs and gradients, with the same
+    dropout mask on the probabilities; chunks smaller than the batch of heads, so that several run."""
+    monkeypatch.setattr(attention, "CHUNK_BYTES", 3 * 64 * 64 * (2 if amp else 4))  # 3 heads' bf16 or fp32 scores
+    torch.manual_seed(0)
+    m = MultiHeadAttention(64, 4, attn_dropout=p)
+    for param in m.parameters():
+        nn.init.normal_(param, 0.0, 0.1)
+    x, grad_out = torch.randn(2, 64, 64), torch.randn(2, 64, 64)
+    keep = attention.keep_mask((2 * 4, 64, 64), p) if p else None
+    masks = iter(keep.split(3) if p else ())  # the chunks of 3 heads draw these masks in turn
+    monkeypatch.setattr(attention, "keep_mask", lambda shape, prob: next(masks))
+    chunked = attention_and_grads(m, m, x, grad_out, amp)
+    plain = attention_and_grads(lambda t: plain_attention(m, t, keep), m, x, grad_out, amp)
+    assert next(masks, None) is None
+    for a, b in zip(chunked, plain):
+        assert_close_to_scale(a, b, tol=1e-2 if amp else 1e-5)
 
 
 def test_no_builtin_attention_under_models() -> None:

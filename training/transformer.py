@@ -34,7 +34,8 @@ from utils.cli import EXIT_INTERRUPTED, OneLineParser, TrainingStopped, UserErro
 from utils.config import ConfigError, load_config
 from utils.precision import autocast, device_name
 from utils.train_utils import (EMA, CSVLog, DistEnv, GracefulInterrupt, StepLog, all_gather_object, all_reduce_sum,
-                               atomic_write_text, check_finite_weights, diverged, warmup_cosine, warmup_stable_decay)
+                               atomic_write_text, check_finite_weights, diverged, keep_freed_memory, warmup_cosine,
+                               warmup_stable_decay)
 
 # val_loss/val_acc: the fixed uniform MVTM masks; val_hole_*: the fixed whole-hole masks; kind: "epoch" (its end),
 # "stop" (--max-steps or --max-minutes) or "cooldown" (a cooldown branch's last step). Later columns were added
@@ -273,13 +274,17 @@ class TransformerTrainer:
 
     Writes into `out`: transformer_{last,epoch_N}.pt (EMA weights, the lab's plain state_dicts),
     transformer_raw_last.pt (raw weights) and training_state.pt (see save_state). `adamw` picks one of the
-    AdamW implementations (benchmarks/train_throughput.py --variants; None: configure_optimizers' choice).
+    AdamW implementations (benchmarks/train_throughput.py --variants; None: configure_optimizers' choice). On the
+    CPU it sets the process's malloc to keep freed memory (keep_freed_memory): a step's large tensors then come back
+    without page faults.
     """
 
     def __init__(self, maskgit: MaskGit, data: TokenData, args: argparse.Namespace, config: dict[str, Any],
                  env: DistEnv, out: Path, lr_factor: Callable[[int], float] | None = None,
                  cooldown_start: int | None = None, adamw: str | None = None) -> None:
         self.maskgit, self.data, self.args, self.config, self.env = maskgit, data, args, config, env
+        if env.device.type == "cpu":
+            keep_freed_memory()
         self.model = maskgit.transformer
         self.state_path = out / "training_state.pt"
         self.out = out

@@ -22,15 +22,21 @@ def keep_mask(shape: tuple[int, ...], p: float) -> torch.Tensor:
     return words.view(torch.int16)[:n].view(shape) >= round(p * 65536) - 32768
 
 
+def as_factor(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask as 0/1 in `dtype`, to multiply by: via uint8, since the CPU converts bool to a float type in a
+    scalar loop (6x slower) and a multiply by a bool tensor converts it that way first."""
+    return mask.view(torch.uint8).to(dtype)
+
+
 class Dropout(nn.Dropout):
     """nn.Dropout with a cheaper mask on the CPU (keep_mask); same distribution up to rounding p to a multiple of
-    2^-16. x * mask is a vectorized multiply (torch.where is not) and autograd keeps only the 1-byte mask."""
+    2^-16. x * mask is a vectorized multiply (torch.where is a scalar loop)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # torch.compile fuses the native dropout into its generated kernels: keep it there
         if not (self.training and 0.0 < self.p < 1.0 and x.is_cpu) or torch.compiler.is_compiling():
             return super().forward(x)
-        return (x * keep_mask(x.shape, self.p)).mul_(1.0 / (1.0 - self.p))
+        return (x * as_factor(keep_mask(x.shape, self.p), x.dtype)).mul_(1.0 / (1.0 - self.p))
 
 
 def _chunks(total: int, rows: int, item_bytes: int) -> list[slice]:
@@ -60,7 +66,7 @@ class _ChunkedAttention(torch.autograd.Function):
             torch.ops.aten._softmax.out(a, -1, False, out=a)
             if keep is not None:
                 keep[c] = keep_mask(a.shape, p)
-                a = a * keep[c]
+                a = a * as_factor(keep[c], a.dtype)
             torch.baddbmm(out[c], a, v[c], beta=0, alpha=1.0 / (1.0 - p), out=out[c])
         ctx.save_for_backward(q, k, v, probs, keep)
         ctx.scale, ctx.p = scale, p
@@ -80,8 +86,9 @@ class _ChunkedAttention(torch.autograd.Function):
             dp = torch.bmm(grad[c], v[c].transpose(1, 2))  # the gradient of the dropped probabilities
             dropped = a
             if keep is not None:
-                dropped = a * keep[c]
-                dp.mul_(keep[c]).mul_(drop_scale)
+                factor = as_factor(keep[c], a.dtype)
+                dropped = a * factor
+                dp.mul_(factor).mul_(drop_scale)
             torch.baddbmm(dv[c], dropped.transpose(1, 2), grad[c], beta=0, alpha=drop_scale, out=dv[c])
             torch.ops.aten._softmax_backward_data.out(dp, a, -1, a.dtype, grad_input=dp)
             torch.baddbmm(dq[c], dp, k[c], beta=0, alpha=ctx.scale, out=dq[c])

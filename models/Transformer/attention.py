@@ -11,15 +11,16 @@ import torch.nn as nn
 CHUNK_BYTES = 2 ** 21  # the attention scores of a chunk of heads: they stay in a core's L2 cache (2 MB on the Xeon)
 
 
-def keep_mask(shape: tuple[int, ...], p: float) -> torch.Tensor:
-    """A dropout mask (bool, True = kept with probability 1 - p, p rounded to a multiple of 2^-16).
+def keep_mask(shape: tuple[int, ...], p: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A dropout mask (bool, True = kept with probability 1 - p, p rounded to a multiple of 2^-16), into `out` if
+    given.
 
     CPU bernoulli_ draws one random number per element (~70M/s on this machine); one random 64-bit word gives
     four uniform 16-bit integers, which makes the mask several times cheaper.
     """
     n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # full 64-bit range
-    return words.view(torch.int16)[:n].view(shape) >= round(p * 65536) - 32768
+    return torch.ge(words.view(torch.int16)[:n].view(shape), round(p * 65536) - 32768, out=out)
 
 
 def as_factor(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -65,8 +66,7 @@ class _ChunkedAttention(torch.autograd.Function):
             torch.baddbmm(a, q[c], k[c].transpose(1, 2), beta=0, alpha=scale, out=a)
             torch.ops.aten._softmax.out(a, -1, False, out=a)
             if keep is not None:
-                keep[c] = keep_mask(a.shape, p)
-                a = a * as_factor(keep[c], a.dtype)
+                a = a * as_factor(keep_mask(a.shape, p, out=keep[c]), a.dtype)
             torch.baddbmm(out[c], a, v[c], beta=0, alpha=1.0 / (1.0 - p), out=out[c])
         ctx.save_for_backward(q, k, v, probs, keep)
         ctx.scale, ctx.p = scale, p
@@ -83,12 +83,13 @@ class _ChunkedAttention(torch.autograd.Function):
         drop_scale = 1.0 / (1.0 - ctx.p)
         for c in _chunks(heads_total, n, probs.element_size()):
             a = probs[c]
-            dp = torch.bmm(grad[c], v[c].transpose(1, 2))  # the gradient of the dropped probabilities
+            dp = a.new_empty(a.shape)  # the gradient of the probabilities, first of the dropped ones
+            torch.baddbmm(dp, grad[c], v[c].transpose(1, 2), beta=0, alpha=drop_scale, out=dp)
             dropped = a
             if keep is not None:
                 factor = as_factor(keep[c], a.dtype)
                 dropped = a * factor
-                dp.mul_(factor).mul_(drop_scale)
+                dp.mul_(factor)
             torch.baddbmm(dv[c], dropped.transpose(1, 2), grad[c], beta=0, alpha=drop_scale, out=dv[c])
             torch.ops.aten._softmax_backward_data.out(dp, a, -1, a.dtype, grad_input=dp)
             torch.baddbmm(dq[c], dp, k[c], beta=0, alpha=ctx.scale, out=dq[c])

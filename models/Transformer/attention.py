@@ -41,6 +41,7 @@ class Dropout(nn.Dropout):
 
 
 def _chunks(total: int, rows: int, item_bytes: int) -> list[slice]:
+    """Slices of `total` heads whose [rows, rows] scores together fit in CHUNK_BYTES."""
     size = max(1, CHUNK_BYTES // (rows * rows * item_bytes))
     return [slice(i, i + size) for i in range(0, total, size)]
 
@@ -73,11 +74,12 @@ class _ChunkedAttention(torch.autograd.Function):
         return out.view(b, num_heads, n, -1).transpose(1, 2).reshape(b, n, -1)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, probs, keep = ctx.saved_tensors
         heads_total, n, head_dim = q.shape
         b = grad.shape[0]
-        grad = grad.view(b, n, -1, head_dim).transpose(1, 2).reshape(heads_total, n, head_dim)
+        grad = grad.reshape(b, n, -1, head_dim).transpose(1, 2).reshape(heads_total, n, head_dim)
         dqkv = torch.empty((3,) + q.shape, dtype=q.dtype)
         dq, dk, dv = dqkv
         drop_scale = 1.0 / (1.0 - ctx.p)

@@ -1,25 +1,32 @@
-"""Training throughput of the stage-2 transformer, against a plain matmul of the same precision, and what
-torch.compile and the AdamW implementations are worth on this machine.
+"""Training throughput of the stage-2 transformer: the trainer's own optimizer step, against a plain matmul of the
+same precision, and what torch.compile and the AdamW implementations are worth on this machine.
 
-One step = forward + masked-token cross-entropy + backward + the trainer's AdamW (the model's
-configure_optimizers), on random tokens (speed does not depend on the data).
-FLOPs are counted analytically, matmuls only:
+One step is TransformerTrainer's (training/transformer.py), built as training_transformer.py builds it for the config:
+its train_param recipe and the flags' defaults (uniform MVTM masks, label smoothing, autocast precision, gradient
+clipping, AdamW, schedule, EMA update), on random tokens (speed does not depend on the data). Any other flag of
+training_transformer.py passes through (e.g. --train-masks mix --hole-mask-prob 0.5, as a run was started).
+FLOPs are counted analytically, matmuls only, for all N positions:
     per image = 6 * P_mm * N                 (forward 2, backward 4 FLOPs per weight per token)
               + 12 * L * N^2 * d             (QK^T and AV: 2 * 2N^2 d forward per layer, twice that backward)
 with P_mm = all Linear weights + the tied output embedding (num_codebook_vectors+1) x d, N tokens, L layers,
 d = dim. LayerNorm, GELU, softmax, dropout and the optimizer are not counted (they cost time, not counted FLOPs).
+Work a version of the step skips still counts (all N positions, though the trainer's output head runs on the masked
+positions only), so it shows as effective throughput and the numbers compare across versions of the step.
 The precision is the trainer's (--amp auto: bf16 autocast where the CPU has fast bf16 kernels, else fp32).
 The reference is a [4096, d] x [d, 4d] matmul in that precision, timed right after every timed step (mean of
 10 runs each time, median over steps), so that both see the same load on a shared machine.
 
---variants times the same step several ways in one run, each from the same initial weights: the AdamW
+--variants times the same step several ways in one run, each from the same initial weights and masks: the AdamW
 implementations (for-loop, foreach, fused) in eager mode, and with --compile also torch.compile of the forward
-(the inductor backend; its compilation is in the warm-up steps, not timed). Each variant prints its step time and
-its speed relative to the first; the last line is the ratio of the trainer's own variant (eager, the AdamW
-configure_optimizers picks):
+(the trainer's --compile, inductor; its compilation is in the warm-up steps, not timed). Each variant prints its
+step time and its speed relative to the first; the last line is the ratio of the trainer's own variant (eager, the
+AdamW configure_optimizers picks):
     mfu_vs_matmul X.XX
 
-    OMP_NUM_THREADS=2 python benchmarks/train_throughput.py --batch-size 16 --iters 5
+    OMP_NUM_THREADS=2 python benchmarks/train_throughput.py      # the config training_transformer.py defaults to
+    python benchmarks/train_throughput.py --config configs/studies/small_gan_no_dropout.yml --batch-size 32
+    python benchmarks/train_throughput.py --config configs/studies/small_gan_no_dropout.yml --train-masks mix
+    python benchmarks/train_throughput.py --config configs/MaskGit_lab_small_vqgan.yml --batch-size 16  # lab size
     python benchmarks/train_throughput.py --config configs/MaskGit_small.yml --variants --compile
 """
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +45,14 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.Transformer import ADAMW_IMPLEMENTATIONS, BidirectionalTransformer  # noqa: E402
-from models.VQGAN_Transformer import mvtm_loss  # noqa: E402
+from models.VQGAN_Transformer import MaskGit, load_maskgit_config  # noqa: E402
+from training.transformer import (DEFAULT_CONFIG, TokenData, TransformerTrainer, fill_defaults,  # noqa: E402
+                                  training_parser)
 from utils.cli import OneLineParser, run_cli  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.precision import AMP_CHOICES, autocast, resolve_amp  # noqa: E402
+from utils.precision import AMP_CHOICES, resolve_amp  # noqa: E402
+from utils.train_utils import DistEnv, GracefulInterrupt, seed_everything  # noqa: E402
+
+CPU = torch.device("cpu")
 
 
 def matmul_flops_per_image(model: BidirectionalTransformer, cfg: dict) -> float:
@@ -60,8 +72,8 @@ def matmul_reference(a: torch.Tensor, b: torch.Tensor, reps: int = 10) -> float:
 
 def main() -> None:
     parser = OneLineParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default="configs/MaskGit.yml", help="MaskGIT config (Transformer_param is used)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="MaskGIT config (its VQGAN checkpoint must exist)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the config's train_param, as training")
     parser.add_argument("--iters", type=int, default=5, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps before timing")
     parser.add_argument("--amp", choices=AMP_CHOICES, default="auto",
@@ -70,8 +82,8 @@ def main() -> None:
                         help="also time the step with every AdamW implementation (for-loop, foreach, fused)")
     parser.add_argument("--compile", action="store_true",
                         help="with --variants: also torch.compile the forward (slow warm-up, not timed)")
-    args = parser.parse_args()
-    if args.iters < 1 or args.batch_size < 1 or args.warmup < 0:
+    args, args.training_flags = parser.parse_known_args()
+    if args.iters < 1 or (args.batch_size is not None and args.batch_size < 1) or args.warmup < 0:
         parser.error("--iters and --batch-size must be >= 1, --warmup >= 0")
     if args.compile and not args.variants:
         parser.error("--compile is one of the --variants; pass both")
@@ -98,60 +110,70 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     return eager + ([Variant(None, compiled=True)] if args.compile else [])
 
 
-def time_variant(variant: Variant, cfg: dict, args: argparse.Namespace, amp: str
-                 ) -> tuple[BidirectionalTransformer, list[float], list[float]]:
-    """(model, step seconds, matmul FLOP/s measured right after each step) of one variant."""
-    torch.manual_seed(0)
-    model = BidirectionalTransformer(cfg).train()
-    opt = model.configure_optimizers(1e-4, (0.9, 0.96), 0.045, "cpu", implementation=variant.adamw)
-    forward = torch.compile(model) if variant.compiled else model
-    b, n = args.batch_size, cfg["num_image_tokens"]
-    targets = torch.randint(0, cfg["num_codebook_vectors"], (b, n))
-    masked = torch.rand(b, n) < 0.5
-    tokens = targets.masked_fill(masked, model.mask_token_id)
+def training_args(args: argparse.Namespace) -> argparse.Namespace:
+    """training_transformer.py's flags for this config, batch size, precision and the passed-through training
+    flags, with their defaults filled."""
+    argv = ["--MaskGitConfig", args.config, "--device", "cpu", "--amp", args.amp, *args.training_flags]
+    targs = training_parser().parse_args(argv + (["--batch-size", str(args.batch_size)] if args.batch_size else []))
+    fill_defaults(targs)
+    targs.amp = resolve_amp(targs.amp, CPU)
+    return targs
 
-    def step() -> None:
-        with autocast(torch.device("cpu"), amp):
-            logits = forward(tokens)
-        loss = mvtm_loss(logits, targets, masked)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float32
-    a = torch.randn(4096, cfg["dim"], dtype=dtype)
-    w = torch.randn(cfg["dim"], 4 * cfg["dim"], dtype=dtype)
+def time_variant(variant: Variant, maskgit: MaskGit, initial: dict[str, torch.Tensor], targs: argparse.Namespace,
+                 args: argparse.Namespace, out: Path) -> tuple[list[float], list[float]]:
+    """(step seconds, matmul FLOP/s measured right after each step) of one variant, from the `initial` weights."""
+    maskgit.transformer.load_state_dict(initial)
+    seed_everything(targs.seed)
+    images, n = targs.batch_size * targs.accum_grad, maskgit.num_image_tokens
+    tokens = torch.randint(0, maskgit.transformer.num_codebook_vectors, (images * (args.warmup + args.iters + 1), n))
+    data = TokenData.from_tokens(tokens, tokens, tokens[:1], maskgit, 1.0, targs.seed, CPU)
+    targs.compile = variant.compiled
+    trainer = TransformerTrainer(maskgit, data, targs, {}, DistEnv(0, 1, CPU), out, adamw=variant.adamw)
+    steps = trainer.steps_until(lambda: False, GracefulInterrupt(verbose=False))  # never entered: Ctrl-C stops it
+    dtype = torch.bfloat16 if targs.amp == "bf16" else torch.float32
+    d = maskgit.transformer.tok_emb.embedding_dim
+    a, w = torch.randn(4096, d, dtype=dtype), torch.randn(d, 4 * d, dtype=dtype)
     matmul_reference(a, w)  # warm-up
     for _ in range(args.warmup + (1 if variant.compiled else 0)):  # compiling happens in the first call
-        step()
+        next(steps)
     step_sec, peaks = [], []
     for _ in tqdm(range(args.iters), desc=f"timed steps, {variant.label}", leave=False):
         t0 = time.perf_counter()
-        step()
+        next(steps)
         step_sec.append(time.perf_counter() - t0)
         peaks.append(matmul_reference(a, w))
-    return model, step_sec, peaks
+    return step_sec, peaks
 
 
 def measure(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config, required={"model_param": ["Transformer_param"]})["model_param"]["Transformer_param"]
-    amp = resolve_amp(args.amp, torch.device("cpu"))
-    b, n = args.batch_size, cfg["num_image_tokens"]
-    results = [(v, *time_variant(v, cfg, args, amp)) for v in variants(args)]
-    model, step_sec, peaks = results[0][1:]
+    targs = training_args(args)
+    seed_everything(targs.seed)  # the initial weights of a training run with these flags
+    maskgit_cfg = load_maskgit_config(args.config)
+    maskgit = MaskGit(maskgit_cfg)
+    model, cfg = maskgit.transformer, maskgit_cfg["Transformer_param"]
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory() as out:  # the trainer's folder; a step writes nothing
+        results = [(v, *time_variant(v, maskgit, initial, targs, args, Path(out))) for v in variants(args)]
+    step_sec, peaks = results[0][1:]
+    b, n = targs.batch_size * targs.accum_grad, cfg["num_image_tokens"]  # images per optimizer step
+    precision = "bf16" if targs.amp == "bf16" else "fp32"
     print(f"config {args.config}: dim {cfg['dim']}, layers {cfg['n_layers']}, tokens {n}, batch {b}, "
           f"threads {torch.get_num_threads()}, params {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M, "
-          f"{'bf16' if amp == 'bf16' else 'fp32'}, CPU {torch.backends.cpu.get_cpu_capability()}")
+          f"{precision}, CPU {torch.backends.cpu.get_cpu_capability()}, dropout {model.drop.p}, "
+          f"attn_dropout {model.blocks[0].Attention.attn_drop.p}; the trainer's step "
+          f"(train masks {targs.train_masks}, label smoothing {targs.label_smoothing}, grad clip {targs.grad_clip}, "
+          f"EMA {targs.ema_decay})")
     base = statistics.median(step_sec)
-    for variant, _, sec_list, _ in results[1:]:
+    for variant, sec_list, _ in results[1:]:
         sec = statistics.median(sec_list)
         print(f"{variant.label}: step {sec:.3f} s, {base / sec:.2f}x the speed of the default")
     sec = sum(step_sec) / len(step_sec)
     peak = statistics.median(peaks)
     achieved = matmul_flops_per_image(model, cfg) * b / sec
     print(f"step {sec:.3f} s   images/s {b / sec:.2f}   tokens/s {b * n / sec:.0f}")
-    print(f"achieved {achieved / 1e9:.1f} GFLOP/s   {'bf16' if amp == 'bf16' else 'fp32'} matmul "
-          f"[4096,{cfg['dim']}]x[{cfg['dim']},{4 * cfg['dim']}] "
+    print(f"achieved {achieved / 1e9:.1f} GFLOP/s (matmul FLOPs of all {n} positions: skipped work counts as "
+          f"throughput)   {precision} matmul [4096,{cfg['dim']}]x[{cfg['dim']},{4 * cfg['dim']}] "
           f"{peak / 1e9:.1f} GFLOP/s")
     print(f"mfu_vs_matmul {achieved / peak:.2f}")
 

@@ -127,8 +127,12 @@ def mask_tokens(indices: torch.Tensor, gamma: Callable[[torch.Tensor], torch.Ten
 
 
 def mvtm_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy over the masked positions only (mean over masked tokens), computed in fp32."""
-    return F.cross_entropy(logits[mask].float(), target[mask], label_smoothing=label_smoothing)
+    """Cross-entropy over the masked positions only (mean over masked tokens), computed in fp32.
+
+    logits: [B, N, ids] at every position, or [M, ids] at the masked ones only (the transformer's forward with
+    `mask`, what training computes)."""
+    masked = logits[mask] if logits.dim() == 3 else logits
+    return F.cross_entropy(masked.float(), target[mask], label_smoothing=label_smoothing)
 
 
 def masked_correct(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[int, int]:

@@ -15,7 +15,9 @@ import torch.nn as nn
 import yaml
 
 from models.Transformer import ADAMW_IMPLEMENTATIONS, BidirectionalTransformer, MultiHeadAttention
+from models.Transformer import attention
 from models.Transformer.attention import Dropout
+from models.VQGAN_Transformer import mvtm_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 LAB_TSV = ROOT / "tests" / "fixtures" / "transformer_state_dict_no_attention.tsv"  # the lab's layout, no attention
@@ -92,6 +94,47 @@ def test_model_bf16_autocast_close_to_fp32() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(tokens).float()
     assert (low - ref).norm() / ref.norm() < 0.03
+
+
+def plain_attention(m: MultiHeadAttention, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """The attention by autograd's plain math (the CUDA and torch.compile path), with an optional dropout mask."""
+    b, n, dim = x.shape
+    q, k, v = m.qkv(x).view(b, n, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4)
+    probs = torch.matmul(q * m.scale, k.transpose(-2, -1)).softmax(dim=-1)
+    if keep is not None:
+        probs = probs * keep.view(probs.shape) / (1.0 - m.attn_drop.p)
+    return m.proj(torch.matmul(probs, v).transpose(1, 2).reshape(b, n, dim))
+
+
+def attention_and_grads(forward, m: MultiHeadAttention, x: torch.Tensor, grad_out: torch.Tensor, amp: bool
+                        ) -> list[torch.Tensor]:
+    m.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        y = forward(x)
+    y.float().backward(grad_out)
+    return [y.detach().float(), x.grad] + [p.grad for p in m.parameters()]
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_chunked_cpu_attention_equals_the_plain_math(amp: bool, p: float, monkeypatch) -> None:
+    """The CPU path (chunks of heads, backward written out) gives autograd's outputs and gradients, with the same
+    dropout mask on the probabilities; chunks smaller than the batch of heads, so that several run."""
+    monkeypatch.setattr(attention, "CHUNK_BYTES", 3 * 64 * 64 * (2 if amp else 4))  # 3 heads' bf16 or fp32 scores
+    torch.manual_seed(0)
+    m = MultiHeadAttention(64, 4, attn_dropout=p)
+    for param in m.parameters():
+        nn.init.normal_(param, 0.0, 0.1)
+    x, grad_out = torch.randn(2, 64, 64), torch.randn(2, 64, 64)
+    keep = attention.keep_mask((2 * 4, 64, 64), p) if p else None
+    masks = iter(keep.split(3) if p else ())  # the chunks of 3 heads draw these masks in turn
+    monkeypatch.setattr(attention, "keep_mask", lambda shape, prob, out: out.copy_(next(masks)))
+    chunked = attention_and_grads(m, m, x, grad_out, amp)
+    plain = attention_and_grads(lambda t: plain_attention(m, t, keep), m, x, grad_out, amp)
+    assert next(masks, None) is None
+    for a, b in zip(chunked, plain):
+        assert_close_to_scale(a, b, tol=1e-2 if amp else 1e-5)
 
 
 def test_no_builtin_attention_under_models() -> None:
@@ -197,6 +240,34 @@ def test_output_head_is_tied_embedding_plus_bias() -> None:
         others = torch.ones(1025, dtype=torch.bool)
         others[900] = False
         torch.testing.assert_close(edited[..., others], shifted[..., others])
+
+
+def loss_and_grads(model: BidirectionalTransformer, tokens: torch.Tensor, mask: torch.Tensor, masked_only: bool,
+                   amp: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training loss (label smoothing 0.1) and every gradient, with the same dropout draws on every call."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        logits = model(tokens.masked_fill(mask, model.mask_token_id), mask if masked_only else None)
+    loss = mvtm_loss(logits, tokens, mask, label_smoothing=0.1)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+def test_logits_at_the_masked_positions_give_the_loss_and_gradients_of_all_logits(amp: bool) -> None:
+    """The training forward (logits at the masked positions only) is the full forward's math: same loss, same
+    gradients (to fp32 rounding, or bf16 rounding under autocast), dropout included."""
+    torch.manual_seed(0)
+    model = BidirectionalTransformer(SMALL).train()
+    tokens = torch.randint(0, 1024, (3, 256))
+    mask = torch.rand(3, 256) < torch.tensor([[0.1], [0.5], [1.0]])
+    full_loss, full = loss_and_grads(model, tokens, mask, masked_only=False, amp=amp)
+    loss, grads = loss_and_grads(model, tokens, mask, masked_only=True, amp=amp)
+    assert model(tokens, mask).shape == (int(mask.sum()), 1025)
+    torch.testing.assert_close(loss, full_loss, rtol=1e-3 if amp else 1e-6, atol=0.0)
+    for name, grad in full.items():
+        assert_close_to_scale(grads[name], grad, tol=2e-2 if amp else 1e-5)
 
 
 def test_encoder_layer_is_post_norm() -> None:

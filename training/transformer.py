@@ -27,13 +27,15 @@ from tqdm import tqdm
 from models.Transformer import BidirectionalTransformer
 from models.VQGAN_Transformer import MaskGit, masked_correct
 from training.token_cache import load_token_cache
-from training.train_masks import DEFAULT_HOLE_MASK_PROB, DEFAULT_TRAIN_MASKS, TrainingMasks, val_hole_masks
+from training.train_masks import (DEFAULT_HOLE_MASK_PROB, DEFAULT_TRAIN_MASKS, TRAIN_MASKS, TrainingMasks,
+                                  val_hole_masks)
 from utils.checkpoint import TRAINING_STATE_TAG, atomic_save, load_state_dict_strict, rng_state, set_rng_state
-from utils.cli import EXIT_INTERRUPTED, TrainingStopped, UserError
+from utils.cli import EXIT_INTERRUPTED, OneLineParser, TrainingStopped, UserError
 from utils.config import ConfigError, load_config
 from utils.precision import autocast, device_name
 from utils.train_utils import (EMA, CSVLog, DistEnv, GracefulInterrupt, StepLog, all_gather_object, all_reduce_sum,
-                               atomic_write_text, check_finite_weights, diverged, warmup_cosine, warmup_stable_decay)
+                               atomic_write_text, check_finite_weights, diverged, keep_freed_memory, warmup_cosine,
+                               warmup_stable_decay)
 
 # val_loss/val_acc: the fixed uniform MVTM masks; val_hole_*: the fixed whole-hole masks; kind: "epoch" (its end),
 # "stop" (--max-steps or --max-minutes) or "cooldown" (a cooldown branch's last step). Later columns were added
@@ -65,6 +67,92 @@ def train_defaults(config_path: str | Path) -> dict[str, int | float]:
             raise ConfigError(f"{config_path}: train_param.{key} is {value!r}; it must be a number"
                               f"{'' if key == 'learning_rate' else ' without decimals'}")
     return {**TRAIN_DEFAULTS, **section}
+
+
+DEFAULT_CONFIG = "configs/MaskGit_small_gan.yml"  # the shipped VQGAN's tokens, a transformer a CPU trains
+WSD_EPOCHS = 10 ** 6  # a wsd trunk's --epochs unless given: no end of its own
+
+
+def training_parser() -> OneLineParser:
+    """The flags of training_transformer.py: their defaults are the recipe, which the benchmark's step shares."""
+    p = OneLineParser(description="MaskGIT stage 2: train the bidirectional transformer (MVTM).")
+    # the lab's flags
+    p.add_argument("--train_d_path", default="./cat_face/train/", help="folder of training images")
+    p.add_argument("--val_d_path", default="./cat_face/val/", help="folder of validation images")
+    p.add_argument("--checkpoint-path", default="./transformer_checkpoints", help="folder for weights, state, log")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (under torchrun each rank takes cuda:LOCAL_RANK)")
+    p.add_argument("--num_workers", type=int, default=4, help="image loading workers while building the token cache")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per micro-batch per process (default: the config's train_param, else 32)")
+    p.add_argument("--partial", type=float, default=1.0, help="fraction of the training images used (fixed subset)")
+    p.add_argument("--accum-grad", type=int, default=1, help="micro-batches accumulated per optimizer step")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="total epochs; the cosine schedule spans them (default: the config's train_param, else 100; "
+                        "with --schedule wsd: no limit)")
+    p.add_argument("--save-per-epoch", type=int, default=1, help="write transformer_epoch_N.pt every N epochs")
+    p.add_argument("--start-from-epoch", type=int, default=0,
+                   help="load transformer_epoch_N.pt and train epochs N+1..--epochs (new optimizer and schedule; "
+                        "--resume continues exactly instead, also a run that was started this way)")
+    p.add_argument("--ckpt-interval", type=int, default=0,
+                   help="also write training_state.pt every N optimizer steps (0: at the end of every epoch only)")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help="peak learning rate (default: the config's train_param, else 1e-4)")
+    p.add_argument("--MaskGitConfig", default=DEFAULT_CONFIG,
+                   help="MaskGit YAML config (configs/MaskGit.yml: the lab's structure, which needs the lab's VQGAN)")
+    # beyond the lab
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue exactly from training_state.pt in --checkpoint-path")
+    p.add_argument("--resume-from", default=None, metavar="STATE",
+                   help="continue from this training state (training_state.pt, or a trunk's compact trunk_state.pt "
+                        "from another machine), writing into --checkpoint-path")
+    p.add_argument("--schedule", choices=list(SCHEDULES), default="cosine",
+                   help="cosine: warm-up, then cosine to 0 over --epochs; wsd: warm-up, then a constant rate (the "
+                        "trunk, which runs until --max-steps, --max-minutes or Ctrl-C) and --cooldown-steps branches")
+    p.add_argument("--cooldown-steps", type=int, default=0,
+                   help="with --schedule wsd and --resume-from a trunk's state: a branch of this many steps, the rate "
+                        "falling as 1 - sqrt to 0 at its last step, written into --checkpoint-path (its EMA restarts "
+                        "from the trunk's weights)")
+    p.add_argument("--max-minutes", type=float, default=0,
+                   help="stop after this many minutes of training in this process, saving a state (0: no limit)")
+    p.add_argument("--weight-decay", type=float, default=0.045)
+    p.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.96))
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up steps, then cosine decay to 0 (default: the config's train_param, else 1000)")
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--train-masks", choices=list(TRAIN_MASKS), default=DEFAULT_TRAIN_MASKS,
+                   help="uniform: MaskGIT's random tokens anywhere; strokes/boxes: a random part (gamma-scheduled) "
+                        "of a stroke/box hole's tokens; mix: a hole (stroke or box 50/50) with probability "
+                        "--hole-mask-prob, else uniform")
+    p.add_argument("--hole-mask-prob", type=float, default=DEFAULT_HOLE_MASK_PROB,
+                   help="with --train-masks mix: the probability that a sample is masked inside a hole")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, used for validation and saved")
+    p.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
+                   help="bf16 autocast or fp32 (none); auto: bf16 where the device has fast bf16 kernels (CUDA, "
+                        "AVX-512 CPUs), else fp32")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward (about 1.9x faster steps on an H100; slow first step)")
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="stop after this many optimizer steps in total, saving a state (0: no limit); the LR "
+                        "schedule still spans --epochs, so a later --resume continues it exactly")
+    p.add_argument("--token-cache", default=None, help="token cache file (default: CHECKPOINT_PATH/token_cache.pt)")
+    p.add_argument("--cache-precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="VQGAN encoder precision for the cache; auto = bf16 if it matches fp32 on >= 99.9%% of tokens")
+    p.add_argument("--cache-only", action="store_true",
+                   help="build (or verify) the token cache and exit, e.g. on a GPU machine before training elsewhere")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--detect-anomaly", action="store_true", help="torch.autograd anomaly detection (slow)")
+    return p
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    """The flags left unset take the config's recipe (train_defaults); a wsd trunk has no end."""
+    if args.schedule == "wsd" and args.epochs is None:
+        args.epochs = WSD_EPOCHS
+    for key, value in train_defaults(args.MaskGitConfig).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def check_resume(state: dict[str, Any], args: argparse.Namespace, world_size: int) -> None:
@@ -201,13 +289,18 @@ class TransformerTrainer:
     """MVTM training of `maskgit.transformer` on `data` with the flags of training_transformer.py (`args`).
 
     Writes into `out`: transformer_{last,epoch_N}.pt (EMA weights, the lab's plain state_dicts),
-    transformer_raw_last.pt (raw weights) and training_state.pt (see save_state).
+    transformer_raw_last.pt (raw weights) and training_state.pt (see save_state). `adamw` picks one of the
+    AdamW implementations (benchmarks/train_throughput.py --variants; None: configure_optimizers' choice). On the
+    CPU it sets the process's malloc to keep freed memory (keep_freed_memory): a step's large tensors then come back
+    without page faults.
     """
 
     def __init__(self, maskgit: MaskGit, data: TokenData, args: argparse.Namespace, config: dict[str, Any],
                  env: DistEnv, out: Path, lr_factor: Callable[[int], float] | None = None,
-                 cooldown_start: int | None = None) -> None:
+                 cooldown_start: int | None = None, adamw: str | None = None) -> None:
         self.maskgit, self.data, self.args, self.config, self.env = maskgit, data, args, config, env
+        if env.device.type == "cpu":
+            keep_freed_memory()
         self.model = maskgit.transformer
         self.state_path = out / "training_state.pt"
         self.out = out
@@ -219,7 +312,7 @@ class TransformerTrainer:
                             f"needs (--batch-size x --accum-grad x processes); lower them or raise --partial")
         self.total_steps = (args.epochs - args.start_from_epoch) * self.steps_per_epoch
         self.optimizer = self.model.configure_optimizers(args.learning_rate, tuple(args.betas), args.weight_decay,
-                                                         env.device.type)
+                                                         env.device.type, implementation=adamw)
         # a cooldown branch (--cooldown-steps) decays from the trunk's step cooldown_start and stops at rate 0
         self.cooldown_start = cooldown_start
         if lr_factor is None:  # lr_factor(step) scales the peak rate
@@ -313,7 +406,7 @@ class TransformerTrainer:
             last_micro = micro == a.accum_grad - 1
             with nullcontext() if last_micro or not env.distributed else self.ddp_model.no_sync():
                 with autocast(env.device, a.amp):
-                    logits = self.forward_model(corrupted)
+                    logits = self.forward_model(corrupted, mask)  # the masked positions only
                 loss = self.maskgit.loss(logits, target, mask, a.label_smoothing) / a.accum_grad
                 loss.backward()
             step_loss += loss.detach()

@@ -5,6 +5,8 @@ Errors, exit codes and the device check live in utils.cli, precision decisions i
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import io
 import math
 import os
@@ -37,6 +39,23 @@ def check_finite_weights(module: nn.Module, step: int, checkpoint: Path) -> None
     """Before a save: a NaN/inf gradient can ruin the weights while the loss is still finite; never save those."""
     if not all(torch.isfinite(p).all() for p in module.parameters()):
         raise diverged("the weights became NaN/inf", step, checkpoint)
+
+
+def keep_freed_memory() -> None:
+    """Make glibc's malloc serve every allocation from its heap and keep freed memory there for reuse.
+
+    By default glibc maps allocations above 32 MB (a CPU training step's attention probabilities, at batch 32 of
+    the shipped shape) straight from the OS and unmaps them when freed, so every step page-faults them in again,
+    zero-filled: 6-10 % of a CPU training step in this project's VM (benchmarks/train_throughput.py). The process
+    then keeps its peak memory (the kernel may still reclaim idle pages). Does nothing without glibc (macOS, musl).
+    """
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2 ** 31 - 1)
 
 
 def seed_everything(seed: int) -> None:

@@ -2,7 +2,7 @@
 
     python app.py          # then open http://127.0.0.1:7860
 
-Loads the models of --config (the shipped ones) once and serves the page (sampler/page_server.py) on the
+Loads the models of --config (the shipped ones) once and serves the page (web/server.py) on the
 loopback address only.
 """
 from __future__ import annotations
@@ -11,10 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from sampler.interactive import load_engine
-from sampler.page_server import HOST, FaceFolders, create_app, listen, server
 from utils.cli import OneLineParser, check_device
 from utils.config import resolve_path
+from web.inference import load_engine
+from web.server import HOST, FaceFolders, create_app, listen, server
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from training.campaign import SIZES, Campaign, Results, Settings, environment
+from training.campaign import Settings, run_campaign
+from training.campaign_files import Results, environment
 from utils.cat_faces import DEFAULT_SOURCE
 from utils.cli import EXIT_INTERRUPTED, OneLineParser, TrainingStopped, UserError, check_device, run_cli
 from utils.precision import AMP_CHOICES, resolve_amp
@@ -95,11 +96,11 @@ def run(args: argparse.Namespace) -> None:
                               "inpaint": args.inpaint_minutes},
                      gan_warmup=args.gan_warmup, total_iter=args.total_iter, seed=args.seed, test_size=args.test_size,
                      val_fraction=args.val_fraction, first_files=args.first_files, deadline=deadline)
-        results = Results(out, {"size": s.size, "recipe": asdict(SIZES[s.size]), "budgets_minutes": s.minutes,
+        results = Results(out, {"size": s.size, "recipe": asdict(s.recipe), "budgets_minutes": s.minutes,
                                 "gan_warmup": s.gan_warmup, "deadline_minutes": args.deadline_minutes,
                                 "environment": environment(device)},
                           stop=lambda: interrupt.requested)
-        ok = Campaign(s, results, interrupt).run()
+        ok = run_campaign(s, results, interrupt)
     if interrupt.requested:
         raise TrainingStopped(f"interrupted: {out / 'results.json'} holds the phases done", EXIT_INTERRUPTED)
     if not ok:

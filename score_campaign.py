@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from training.campaign import HOLE_SETS
+from training.campaign_files import HOLE_SETS
 from training.campaign_report import (TABLE_HEADER, campaign_dataset, campaign_row, fid_scores, load_results,
                                       phase_table, returned_sets, shipped_pair, shipped_row, unpack_pair)
 from utils.cat_faces import DEFAULT_SOURCE

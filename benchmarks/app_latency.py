@@ -2,7 +2,7 @@
 
 The model is loaded once, as the server does; then each run inpaints one face with a fresh stroke hole (the test
 set's hole generator, seeds 0..N-1) with the demo config's decoding. Two times per run:
-  handler: sampler.interactive.inpaint_steps to its result (the transformer decode and all 8 step images);
+  handler: web.inference.inpaint_steps to its result (the transformer decode and all 8 step images);
   HTTP:    POST /api/inpaint to a server on loopback, from the request to the last NDJSON line (adds the PNG and
            JSON encoding and the transfer), which is what the page waits for.
 The face is cat_face/val/image_00000.png when prepared, else a synthetic one (speed does not depend on it).
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sampler.page_server import FaceFolders, create_app, hole_string, listen, png_data_url, server  # noqa: E402
-from sampler.interactive import inpaint_steps, load_engine  # noqa: E402
 from utils.image import read_rgb  # noqa: E402
 from utils.masks import stroke_mask  # noqa: E402
+from web.inference import inpaint_steps, load_engine  # noqa: E402
+from web.server import FaceFolders, create_app, hole_string, listen, png_data_url, server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

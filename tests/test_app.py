@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sampler import page_server
-from sampler.interactive import (MAX_UPLOAD_BYTES, DecodeSettings, InputError, inpaint_steps, load_engine,
-                                 random_hole, read_image)
-from sampler.page_server import FaceFolders, create_app, hole_string, listen, png_data_url, server
+import web.server
 from utils.image import save_png
+from web.inference import (MAX_UPLOAD_BYTES, DecodeSettings, InputError, inpaint_steps, load_engine, random_hole,
+                           read_image)
+from web.server import FaceFolders, create_app, hole_string, listen, png_data_url, server
 
 REPO = Path(__file__).resolve().parents[1]
 WAIT_S = 60  # every wait on the server or the browser is bounded
@@ -275,10 +275,10 @@ def test_internal_errors_are_one_line_messages_too(live, monkeypatch):
         yield {"type": "start", "notes": []}
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(page_server, "inpaint_steps", fails_at_once)
+    monkeypatch.setattr(web.server, "inpaint_steps", fails_at_once)
     status, answer = request(url + "/api/inpaint", body)
     assert status == 500 and json.loads(answer)["error"] == "internal error (RuntimeError); see the server's console"
-    monkeypatch.setattr(page_server, "inpaint_steps", fails_midway)
+    monkeypatch.setattr(web.server, "inpaint_steps", fails_midway)
     status, answer = request(url + "/api/inpaint", body)
     events = [json.loads(line) for line in answer.splitlines()]
     assert status == 200 and events[-1] == {"type": "error",

@@ -1,5 +1,7 @@
-"""Imports run one way: scripts -> training -> sampler -> models -> utils; no module imports a script; the FID folder
-imports nothing from the repository, and utils/fid.py is the only module that reaches into it."""
+"""Imports run one way: scripts -> training (the trainers) or web (the page) -> sampler -> models -> utils; the
+trainers and the page sit side by side and neither imports the other; no module imports a script; only the page
+serves HTTP, so that sampler/ is decoding only; the FID folder imports nothing from the repository, and
+utils/fid.py is the only module that reaches into it."""
 from __future__ import annotations
 
 import ast
@@ -11,7 +13,14 @@ from pathlib import Path
 
 from tiny_maskgit import REPO
 
-LAYERS = ["utils", "models", "sampler", "training"]  # each may import itself and those before it
+BELOW = {  # each package may import itself and these
+    "utils": set(),
+    "models": {"utils"},
+    "sampler": {"models", "utils"},
+    "training": {"sampler", "models", "utils"},
+    "web": {"sampler", "models", "utils"},
+}
+HTTP_STACK = {"fastapi", "starlette", "uvicorn"}
 FID_DIR = REPO / "faster-pytorch-fid"
 FID_MODULES = {p.stem for p in FID_DIR.glob("*.py")}
 SCRIPTS = {p.stem for p in REPO.glob("*.py")}
@@ -34,17 +43,22 @@ def sources(folder: str) -> list[Path]:
 
 def test_packages_import_only_their_own_layer_and_those_below():
     wrong = []
-    for rank, layer in enumerate(LAYERS):
-        forbidden = set(LAYERS[rank + 1:]) | SCRIPTS | {"benchmarks", "tests"}
-        wrong += [f"{p.relative_to(REPO)} imports {name}" for p in sources(layer) for name in imported(p) & forbidden]
+    for package, below in BELOW.items():
+        forbidden = (set(BELOW) - below - {package}) | SCRIPTS | {"benchmarks", "tests"}
+        wrong += [f"{p.relative_to(REPO)} imports {name}" for p in sources(package) for name in imported(p) & forbidden]
     wrong += [f"{p.relative_to(REPO)} imports {name}" for p in sources("benchmarks") for name in imported(p) & SCRIPTS]
     assert not wrong, wrong
 
 
+def test_only_the_page_serves_http():
+    serving = {str(p.relative_to(REPO)) for package in BELOW for p in sources(package) if imported(p) & HTTP_STACK}
+    assert serving and all(path.startswith("web/") for path in serving), serving
+
+
 def test_the_fid_folder_stands_alone_and_has_one_bridge():
-    repo_names = set(LAYERS) | SCRIPTS | {"benchmarks"}
+    repo_names = set(BELOW) | SCRIPTS | {"benchmarks"}
     assert not {name for p in FID_DIR.glob("*.py") for name in imported(p) & repo_names}
-    reaching = {str(p.relative_to(REPO)) for folder in [*LAYERS, "benchmarks"] for p in sources(folder)
+    reaching = {str(p.relative_to(REPO)) for folder in [*BELOW, "benchmarks"] for p in sources(folder)
                 if imported(p) & FID_MODULES}
     assert reaching == {"utils/fid.py"}
 

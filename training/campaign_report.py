@@ -15,8 +15,9 @@ import torch
 import yaml
 
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config, transformer_ckpt_path
-from training.campaign import (FORMAT, HOLE_SETS, RESULTS, Budget, chosen_decoding, hole_set, inpaint_images,
-                               load_fill, load_pair, tokenize_images)
+from training.campaign import chosen_decoding, inpaint_images, tokenize_images
+from training.campaign_files import FORMAT, HOLE_SETS, RESULTS, hole_set, load_fill, load_pair
+from training.time_budget import Budget
 from training.transformer import TokenData
 from training.transformer import validate as token_validate
 from training.vqgan import images_to_device

@@ -1,8 +1,8 @@
-"""The interactive page's HTTP side (app.py is its command line): web/index.html (one self-written page: no CDN,
-no web fonts, no analytics; its Content-Security-Policy lets it load nothing from elsewhere) served on the loopback
-address only. A run answers with NDJSON, one JSON object per line, so that the page shows each step's latent mask
-and image as soon as it is decoded; the inference is sampler/interactive.py. Bad input gets a one-line message and
-status 400, never a traceback; the server keeps running."""
+"""The interactive page's HTTP side (app.py is its command line): index.html, beside this file (one self-written
+page: no CDN, no web fonts, no analytics; its Content-Security-Policy lets it load nothing from elsewhere), served on
+the loopback address only. A run answers with NDJSON, one JSON object per line, so that the page shows each step's
+latent mask and image as soon as it is decoded; the inference is web/inference.py. Bad input gets a one-line message
+and status 400, never a traceback; the server keeps running."""
 from __future__ import annotations
 
 import base64
@@ -24,12 +24,12 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from models.schedules import GAMMAS
-from sampler.interactive import (MAX_SAMPLES, MAX_STEPS, MAX_UPLOAD_BYTES, Engine, InputError, inpaint_steps,
-                                 load_engine, random_hole, read_image)
 from utils.image import IMAGE_SIZE, read_rgb
+from web.inference import (MAX_SAMPLES, MAX_STEPS, MAX_UPLOAD_BYTES, Engine, InputError, inpaint_steps, random_hole,
+                           read_image)
 
 HOST = "127.0.0.1"  # loopback only: the page is for the person at this machine
-PAGE = Path(__file__).resolve().parents[1] / "web" / "index.html"
+PAGE = Path(__file__).resolve().with_name("index.html")
 MAX_RUN_BYTES = 2 ** 20  # a run request: a 64x64 PNG and 4096 mask characters, well under this
 CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; img-src data:; "
        "connect-src 'self'; form-action 'none'; base-uri 'none'")

@@ -57,7 +57,7 @@ def plot(args: argparse.Namespace) -> None:
     by_step, by_hours = fig.subplots(1, 2)
     cooldown_lines = ["| cooldown | branch from step | steps | CPU-hours at its end | val loss | val_hole_loss |",
                       "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    trunk_rows = [r for r in trunk.log if r["step"] and int(r["step"]) in trunk_hours]
+    trunk_rows = trunk.validation_rows()
     for key, style in (("val_loss", "o-"), ("val_hole_loss", "s-")):
         steps = [int(r["step"]) for r in trunk_rows]
         values = [float(r[key]) for r in trunk_rows]
@@ -65,13 +65,12 @@ def plot(args: argparse.Namespace) -> None:
         by_hours.plot([trunk_hours[s] for s in steps], values, style, ms=3, label=f"trunk {key}")
     for folder in args.cooldowns:
         branch = RunFolder.read(folder)
-        ends = [r for r in branch.log if r.get("kind") == "cooldown"]
-        if not ends or not branch.steps:
+        end = branch.cooldown_end()
+        if end is None or not branch.steps:
             print(f"note: {folder}: no finished cooldown, left out", file=sys.stderr)
             continue
         start = branch.steps[0][0] - 1
         hours = branch.cpu_hours_at(trunk_hours.get(start, 0.0))
-        end = ends[-1]
         for key, marker in (("val_loss", "*"), ("val_hole_loss", "P")):
             for ax, x in ((by_step, int(end["step"])), (by_hours, hours[int(end["step"])])):
                 ax.plot([x], [float(end[key])], marker, ms=11, color="C3" if key == "val_loss" else "C2",

@@ -26,8 +26,7 @@ from utils.cli import OneLineParser, UserError, run_cli  # noqa: E402
 def validation_points(run: RunFolder) -> list[tuple[float, float, float]]:
     """(CPU-hours, val_loss, val_hole_loss) at each validation of the run."""
     hours = run.cpu_hours_at()
-    return [(hours[int(r["step"])], float(r["val_loss"]), float(r["val_hole_loss"]))
-            for r in run.log if r["step"] and int(r["step"]) in hours]
+    return [(hours[int(r["step"])], float(r["val_loss"]), float(r["val_hole_loss"])) for r in run.validation_rows()]
 
 
 def log_time_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
@@ -62,11 +61,11 @@ def compare(args: argparse.Namespace) -> None:
         cooldown = "-", "-"
         if args.cooldowns:
             branch = RunFolder.read(args.cooldowns[i])
-            ends = [r for r in branch.log if r.get("kind") == "cooldown"]
-            if ends:
-                cooldown = f"{float(ends[-1]['val_loss']):.4f}", f"{float(ends[-1]['val_hole_loss']):.4f}"
-                end_hours = branch.cpu_hours_at(hours[-1])[int(ends[-1]["step"])]
-                ax.plot([end_hours], [float(ends[-1]["val_loss"])], "*", ms=11, color=f"C{i}")
+            end = branch.cooldown_end()
+            if end is not None:
+                cooldown = f"{float(end['val_loss']):.4f}", f"{float(end['val_hole_loss']):.4f}"
+                end_hours = branch.cpu_hours_at(hours[-1])[int(end["step"])]
+                ax.plot([end_hours], [float(end["val_loss"])], "*", ms=11, color=f"C{i}")
         lines.append(f"| {run.name} | {run.steps[-1][0]} | {seconds / len(run.steps):.3f} | {hours[-1]:.2f} | "
                      f"{val[-1]:.4f} | {hole[-1]:.4f} | {fit[0]} | {fit[1]} | {cooldown[0]} | {cooldown[1]} |")
     ax.set(title="stage 2 at equal wall time (EMA weights; * = end of a cooldown)", xlabel="CPU-hours",

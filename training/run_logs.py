@@ -36,3 +36,13 @@ class RunFolder:
             total += cpu_seconds / 3600
             out[step] = total
         return out
+
+    def validation_rows(self) -> list[dict[str, str]]:
+        """The log.csv rows of validations at a step this folder trained (epoch ends, stops, a cooldown's end)."""
+        trained = {step for step, _, _ in self.steps}
+        return [r for r in self.log if r["step"] and int(r["step"]) in trained]
+
+    def cooldown_end(self) -> dict[str, str] | None:
+        """The log.csv row of a finished cooldown branch's last step (None if it is not one, or not finished)."""
+        ends = [r for r in self.log if r.get("kind") == "cooldown"]
+        return ends[-1] if ends else None

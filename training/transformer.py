@@ -234,9 +234,10 @@ def compact_state(state: Mapping[str, Any]) -> dict[str, Any]:
     """A training state small enough to commit at the end of each sitting (5 bytes a parameter, not 16): fp32
     weights, AdamW's second moments on an 8-bit log scale (they set each weight's step size, and span dozens of
     binades: a per-tensor grid of 255 log steps keeps each step size within 2^(span / 1016) - 1, 2.3 % at the 34
-    binades a trunk here spans, where fp8 would flush the smallest to zero and blow their steps up), step counts, schedule, position and RNG. Left out: the first moments (a
-    running mean of the last ~10 gradients at beta1 0.9; restarted at zero they only shrink the first few updates
-    after a resume) and the EMA (it restarts from the weights; cooldown branches average their own decay anyway)."""
+    binades a trunk here spans, where fp8 would flush the smallest to zero and blow their steps up), step counts,
+    schedule, position and RNG. Left out: the first moments (a running mean of the last ~10 gradients at beta1
+    0.9; restarted at zero they only shrink the first few updates after a resume) and the EMA (it restarts from the
+    weights; cooldown branches average their own decay anyway)."""
     optimizer = state["optimizer"]
     moments = {i: {"step": s["step"], **_to_log8(s["exp_avg_sq"])} for i, s in optimizer["state"].items()}
     return {**{k: v for k, v in state.items() if k not in ("ema", "optimizer")}, "compact": True,

@@ -23,11 +23,18 @@ step time and its speed relative to the first; the last line is the ratio of the
 AdamW configure_optimizers picks):
     mfu_vs_matmul X.XX
 
+--breakdown then runs as many steps again under torch.profiler and prints where the step's time goes (self CPU
+time per aten op, per step) and the ceiling it sets: the counted FLOPs over the time of the matmul ops alone
+(mm, bmm, addmm, baddbmm), against the same reference. That is the mfu_vs_matmul the step would reach if
+everything else (softmax, GELU, LayerNorm, copies, the loss, AdamW) took no time at all. The profiler's own cost
+per op makes its shares approximate; the step time and mfu_vs_matmul above come from the unprofiled steps.
+
     OMP_NUM_THREADS=2 python benchmarks/train_throughput.py      # the config training_transformer.py defaults to
     python benchmarks/train_throughput.py --config configs/studies/small_gan_no_dropout.yml --batch-size 32
     python benchmarks/train_throughput.py --config configs/studies/small_gan_no_dropout.yml --train-masks mix
     python benchmarks/train_throughput.py --config configs/MaskGit_lab_small_vqgan.yml --batch-size 16  # lab size
     python benchmarks/train_throughput.py --config configs/MaskGit_small.yml --variants --compile
+    python benchmarks/train_throughput.py --config configs/MaskGit_small_gan.yml --batch-size 32 --breakdown
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +61,8 @@ from utils.precision import AMP_CHOICES, resolve_amp  # noqa: E402
 from utils.train_utils import DistEnv, GracefulInterrupt, seed_everything  # noqa: E402
 
 CPU = torch.device("cpu")
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")  # where the counted FLOPs are done
+TOP_OPS = 8  # ops listed by --breakdown
 
 
 def matmul_flops_per_image(model: BidirectionalTransformer, cfg: dict) -> float:
@@ -70,7 +80,7 @@ def matmul_reference(a: torch.Tensor, b: torch.Tensor, reps: int = 10) -> float:
     return 2.0 * a.shape[0] * a.shape[1] * b.shape[1] * reps / (time.perf_counter() - t0)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="MaskGIT config (its VQGAN checkpoint must exist)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the config's train_param, as training")
@@ -82,12 +92,15 @@ def main() -> None:
                         help="also time the step with every AdamW implementation (for-loop, foreach, fused)")
     parser.add_argument("--compile", action="store_true",
                         help="with --variants: also torch.compile the forward (slow warm-up, not timed)")
-    args, args.training_flags = parser.parse_known_args()
+    parser.add_argument("--breakdown", action="store_true",
+                        help="then profile as many steps of the trainer's own variant: time per op and the matmuls' "
+                             "ceiling on mfu_vs_matmul")
+    args, args.training_flags = parser.parse_known_args(argv)
     if args.iters < 1 or (args.batch_size is not None and args.batch_size < 1) or args.warmup < 0:
         parser.error("--iters and --batch-size must be >= 1, --warmup >= 0")
     if args.compile and not args.variants:
         parser.error("--compile is one of the --variants; pass both")
-    sys.exit(run_cli(lambda: measure(args)))
+    return run_cli(lambda: measure(args))
 
 
 @dataclass(frozen=True)
@@ -120,13 +133,32 @@ def training_args(args: argparse.Namespace) -> argparse.Namespace:
     return targs
 
 
+def op_seconds(steps: Iterator[float], count: int) -> dict[str, float]:
+    """Self CPU seconds per step of every aten op over the next `count` steps, under torch.profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(count):
+            next(steps)
+    return {e.key: e.self_cpu_time_total / 1e6 / count for e in prof.key_averages() if e.key.startswith("aten::")}
+
+
+@dataclass
+class Timing:
+    """One variant's step seconds, the reference matmul's FLOP/s right after each step, and (--breakdown) the
+    self seconds per step of each op."""
+    step_sec: list[float]
+    peaks: list[float]
+    ops: dict[str, float] | None = None
+
+
 def time_variant(variant: Variant, maskgit: MaskGit, initial: dict[str, torch.Tensor], targs: argparse.Namespace,
-                 args: argparse.Namespace, out: Path) -> tuple[list[float], list[float]]:
-    """(step seconds, matmul FLOP/s measured right after each step) of one variant, from the `initial` weights."""
+                 args: argparse.Namespace, out: Path, profile: bool = False) -> Timing:
+    """The timed steps of one variant from the `initial` weights, and with `profile` as many more under the
+    profiler."""
     maskgit.transformer.load_state_dict(initial)
     seed_everything(targs.seed)
     images, n = targs.batch_size * targs.accum_grad, maskgit.num_image_tokens
-    tokens = torch.randint(0, maskgit.transformer.num_codebook_vectors, (images * (args.warmup + args.iters + 1), n))
+    total_steps = args.warmup + args.iters * (2 if profile else 1) + 1
+    tokens = torch.randint(0, maskgit.transformer.num_codebook_vectors, (images * total_steps, n))
     data = TokenData.from_tokens(tokens, tokens, tokens[:1], maskgit, 1.0, targs.seed, CPU)
     targs.compile = variant.compiled
     trainer = TransformerTrainer(maskgit, data, targs, {}, DistEnv(0, 1, CPU), out, adamw=variant.adamw)
@@ -143,7 +175,7 @@ def time_variant(variant: Variant, maskgit: MaskGit, initial: dict[str, torch.Te
         next(steps)
         step_sec.append(time.perf_counter() - t0)
         peaks.append(matmul_reference(a, w))
-    return step_sec, peaks
+    return Timing(step_sec, peaks, op_seconds(steps, args.iters) if profile else None)
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -154,8 +186,9 @@ def measure(args: argparse.Namespace) -> None:
     model, cfg = maskgit.transformer, maskgit_cfg["Transformer_param"]
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     with tempfile.TemporaryDirectory() as out:  # the trainer's folder; a step writes nothing
-        results = [(v, *time_variant(v, maskgit, initial, targs, args, Path(out))) for v in variants(args)]
-    step_sec, peaks = results[0][1:]
+        results = [(v, time_variant(v, maskgit, initial, targs, args, Path(out), profile=args.breakdown and i == 0))
+                   for i, v in enumerate(variants(args))]
+    own = results[0][1]
     b, n = targs.batch_size * targs.accum_grad, cfg["num_image_tokens"]  # images per optimizer step
     precision = "bf16" if targs.amp == "bf16" else "fp32"
     print(f"config {args.config}: dim {cfg['dim']}, layers {cfg['n_layers']}, tokens {n}, batch {b}, "
@@ -164,19 +197,34 @@ def measure(args: argparse.Namespace) -> None:
           f"attn_dropout {model.blocks[0].Attention.attn_drop.p}; the trainer's step "
           f"(train masks {targs.train_masks}, label smoothing {targs.label_smoothing}, grad clip {targs.grad_clip}, "
           f"EMA {targs.ema_decay})")
-    base = statistics.median(step_sec)
-    for variant, sec_list, _ in results[1:]:
-        sec = statistics.median(sec_list)
+    base = statistics.median(own.step_sec)
+    for variant, timing in results[1:]:
+        sec = statistics.median(timing.step_sec)
         print(f"{variant.label}: step {sec:.3f} s, {base / sec:.2f}x the speed of the default")
-    sec = sum(step_sec) / len(step_sec)
-    peak = statistics.median(peaks)
-    achieved = matmul_flops_per_image(model, cfg) * b / sec
+    sec = sum(own.step_sec) / len(own.step_sec)
+    peak = statistics.median(own.peaks)
+    flops = matmul_flops_per_image(model, cfg) * b
+    achieved = flops / sec
     print(f"step {sec:.3f} s   images/s {b / sec:.2f}   tokens/s {b * n / sec:.0f}")
     print(f"achieved {achieved / 1e9:.1f} GFLOP/s (matmul FLOPs of all {n} positions: skipped work counts as "
           f"throughput)   {precision} matmul [4096,{cfg['dim']}]x[{cfg['dim']},{4 * cfg['dim']}] "
           f"{peak / 1e9:.1f} GFLOP/s")
+    if own.ops is not None:
+        print_breakdown(own.ops, flops, peak)
     print(f"mfu_vs_matmul {achieved / peak:.2f}")
 
 
+def print_breakdown(ops: dict[str, float], flops: float, peak: float) -> None:
+    """The ops that take the step's time, and the mfu_vs_matmul the step's matmuls alone would allow."""
+    total = sum(ops.values())
+    print(f"profiled step {total:.3f} s of aten ops (self time; the profiler adds its own cost per op):")
+    for name, sec in sorted(ops.items(), key=lambda item: -item[1])[:TOP_OPS]:
+        print(f"  {name:<36} {sec:.4f} s  {100 * sec / total:4.1f} %")
+    matmul_sec = sum(ops.get(name, 0.0) for name in MATMUL_OPS)
+    print(f"matmuls ({', '.join(MATMUL_OPS)}): {matmul_sec:.3f} s per step, {100 * matmul_sec / total:.0f} % of it, "
+          f"{flops / matmul_sec / 1e9:.1f} GFLOP/s of counted FLOPs: with everything else free, mfu_vs_matmul "
+          f"would reach at most {flops / matmul_sec / peak:.2f}")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -270,6 +270,24 @@ def test_logits_at_the_masked_positions_give_the_loss_and_gradients_of_all_logit
         assert_close_to_scale(grads[name], grad, tol=2e-2 if amp else 1e-5)
 
 
+def matmul_shapes(model: BidirectionalTransformer, tokens: torch.Tensor, mask: torch.Tensor) -> set[str]:
+    """The input shapes of every matmul op in one training forward and backward."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss_and_grads(model, tokens, mask, masked_only=True, amp=False)
+    return {f"{e.key} {e.input_shapes}" for e in prof.key_averages(group_by_input_shape=True)
+            if e.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")}
+
+
+def test_the_training_step_matmuls_keep_their_shapes_when_the_masked_count_changes() -> None:
+    """oneDNN builds and caches a kernel per matmul shape on the CPU: a shape that followed the masked count would
+    grow the training process every step (it did, by ~10 MB a step)."""
+    torch.manual_seed(0)
+    model = BidirectionalTransformer(SMALL).train()
+    tokens = torch.randint(0, 1024, (2, 256))
+    few, more = (torch.arange(512).view(2, 256) < limit for limit in (100, 130))  # 200 and 256 masked
+    assert matmul_shapes(model, tokens, few) == matmul_shapes(model, tokens, more)
+
+
 def test_encoder_layer_is_post_norm() -> None:
     """x = LN1(x + Attn(x)); x = LN2(x + MLP(x)), in eval mode."""
     torch.manual_seed(0)

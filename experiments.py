@@ -221,25 +221,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default="./experiments_out")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
-    args.mask_funcs, args.decodings = list(dict.fromkeys(args.mask_funcs)), list(dict.fromkeys(args.decodings))
-    args.total_iters, args.sweet_spots = list(dict.fromkeys(args.total_iters)), list(dict.fromkeys(args.sweet_spots))
-    if args.pixel_guidances is not None:
-        args.pixel_guidances = list(dict.fromkeys(args.pixel_guidances))
-        if min(args.pixel_guidances) < 0:
-            p.error(f"--pixel-guidances must all be >= 0, got {min(args.pixel_guidances)}")
-    if args.seam_blends is not None:
-        args.seam_blends = list(dict.fromkeys(args.seam_blends))
     if args.temperatures is not None:
         try:
-            args.temperatures = list(dict.fromkeys(temperature_flag(*parse_temperature(f)) for f in args.temperatures))
+            args.temperatures = [temperature_flag(*parse_temperature(f)) for f in args.temperatures]
         except ValueError as e:
             p.error(f"--temperatures {e}: use a temperature > 0 (e.g. 0.7) or START:END to anneal (e.g. 1.5:0.5)")
-    if args.choice_temperatures is not None:
-        args.choice_temperatures = list(dict.fromkeys(args.choice_temperatures))
-        if min(args.choice_temperatures) < 0:
-            p.error(f"--choice-temperatures must all be >= 0, got {min(args.choice_temperatures)}")
-    if args.orderings is not None:
-        args.orderings = list(dict.fromkeys(args.orderings))
+    for name in ("mask_funcs", "decodings", "total_iters", "sweet_spots", "pixel_guidances", "seam_blends",
+                 "temperatures", "choice_temperatures", "orderings"):  # each setting once, in the order given
+        if getattr(args, name) is not None:
+            setattr(args, name, list(dict.fromkeys(getattr(args, name))))
+    for name in ("pixel_guidances", "choice_temperatures"):
+        if getattr(args, name) is not None and min(getattr(args, name)) < 0:
+            p.error(f"--{name.replace('_', '-')} must all be >= 0, got {min(getattr(args, name))}")
     if min(args.total_iters) < 1:
         p.error(f"--total-iters must all be >= 1, got {min(args.total_iters)}")
     for flag in args.sweet_spots:

@@ -1,6 +1,9 @@
 """The long stage-2 run (--schedule wsd) across its sittings: val loss and val_hole_loss of the trunk and of its
 cooldown branches against optimizer steps and CPU-hours (docs/long_run.png), and three tables in Markdown: each
-sitting's machine and speed, the train loss around each resume (a continuation must not jump), the cooldowns.
+sitting's machine and speed, the train loss around each resume (a continuation must not jump), the cooldowns with
+the val loss each gained per CPU-hour since the one before (the run stops at a plateau: below 0.02). Last, the
+trunk's val loss per doubling of its CPU-hours, a straight-line fit against log2(CPU-hours) over the last two
+doublings: what the next sitting of the same length buys, roughly.
 
     python plot_long_run.py --trunk runs/long_run/trunk --cooldowns runs/long_run/cooldown_* \
         --output docs/long_run.png
@@ -11,6 +14,7 @@ seconds of every step times the threads it ran on, a cooldown's counted on from 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from training.run_logs import RunFolder
 from utils.cli import OneLineParser, run_cli
 
 AROUND_RESUME = 200  # steps compared before and after each resume
+FIT_DOUBLINGS = 2  # the trunk's val loss is fitted against log2(CPU-hours) over this many last doublings
 
 
 def sitting_table(trunk: RunFolder) -> list[str]:
@@ -50,13 +55,41 @@ def resume_table(trunk: RunFolder) -> list[str]:
     return lines
 
 
+def cooldown_table(cooldowns: list[tuple[str, int, int, float, dict[str, str]]]) -> list[str]:
+    gains = gains_per_cpu_hour([(hours, float(end["val_loss"])) for _, _, _, hours, end in cooldowns])
+    lines = ["| cooldown | branch from step | steps | CPU-hours at its end | val loss | val_hole_loss | "
+             "val loss gained per CPU-hour since the previous |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for (name, start, steps, hours, end), gain in zip(cooldowns, gains):
+        lines.append(f"| {name} | {start} | {steps} | {hours:.2f} | {float(end['val_loss']):.4f} | "
+                     f"{float(end['val_hole_loss']):.4f} | {'-' if gain is None else f'{gain:.4f}'} |")
+    return lines
+
+
+def gains_per_cpu_hour(points: list[tuple[float, float]]) -> list[float | None]:
+    """For (CPU-hours, val loss) of successive cooldowns: the loss each gained per CPU-hour since the one before."""
+    return [None] + [(l0 - l1) / (h1 - h0) for (h0, l0), (h1, l1) in zip(points, points[1:])]
+
+
+def loss_per_doubling(hours: list[float], losses: list[float]) -> tuple[float, float] | None:
+    """Least-squares slope of loss against log2(hours) over the last FIT_DOUBLINGS doublings, and where they begin
+    (None with fewer than two points there)."""
+    if not hours:
+        return None
+    since = hours[-1] / 2 ** FIT_DOUBLINGS
+    xs = [math.log2(h) for h in hours if h >= since]
+    ys = [v for h, v in zip(hours, losses) if h >= since]
+    if len(xs) < 2:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs), since
+
+
 def plot(args: argparse.Namespace) -> None:
     trunk = RunFolder.read(args.trunk)
     trunk_hours = trunk.cpu_hours_at()
     fig = Figure(figsize=(12, 4), dpi=100)
     by_step, by_hours = fig.subplots(1, 2)
-    cooldown_lines = ["| cooldown | branch from step | steps | CPU-hours at its end | val loss | val_hole_loss |",
-                      "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    cooldowns = []  # (name, branch step, steps, CPU-hours at the end, log.csv row of the end)
     trunk_rows = trunk.validation_rows()
     for key, style in (("val_loss", "o-"), ("val_hole_loss", "s-")):
         steps = [int(r["step"]) for r in trunk_rows]
@@ -75,16 +108,18 @@ def plot(args: argparse.Namespace) -> None:
             for ax, x in ((by_step, int(end["step"])), (by_hours, hours[int(end["step"])])):
                 ax.plot([x], [float(end[key])], marker, ms=11, color="C3" if key == "val_loss" else "C2",
                         label=f"cooldown {key}" if folder == args.cooldowns[0] else None)
-        cooldown_lines.append(f"| {folder.name} | {start} | {int(end['step']) - start} | "
-                              f"{hours[int(end['step'])]:.2f} | {float(end['val_loss']):.4f} | "
-                              f"{float(end['val_hole_loss']):.4f} |")
+        cooldowns.append((folder.name, start, int(end["step"]) - start, hours[int(end["step"])], end))
     by_step.set(title="stage 2, long run: val cross-entropy (EMA weights)", xlabel="optimizer step")
     by_hours.set(title="against compute", xlabel="CPU-hours (seconds x threads)")
     by_step.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.output)
     print(f"wrote {args.output}\n")
-    print("\n".join(sitting_table(trunk) + [""] + resume_table(trunk) + [""] + cooldown_lines))
+    print("\n".join(sitting_table(trunk) + [""] + resume_table(trunk) + [""] + cooldown_table(cooldowns)))
+    val_hours = [trunk_hours[int(r["step"])] for r in trunk_rows]
+    fit = loss_per_doubling(val_hours, [float(r["val_loss"]) for r in trunk_rows])
+    print("\ntrunk val loss per doubling of CPU-hours: " + ("fewer than two validations to fit" if fit is None else
+          f"{fit[0]:+.4f} (fit from {fit[1]:.2f} to {val_hours[-1]:.2f} CPU-hours)"))
 
 
 def main(argv: list[str] | None = None) -> int:

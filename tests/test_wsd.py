@@ -194,7 +194,18 @@ def test_plot_long_run_draws_the_trunk_and_its_cooldowns_and_tables_each_sitting
     sittings = [ln for ln in printed.splitlines() if ln.startswith("| 1 |") or ln.startswith("| 2 |")]
     assert len(sittings) == 2 and "| 1-6 |" in sittings[0] and "| 7-12 |" in sittings[1]
     assert "| 6 | " in printed  # the resume after step 6: losses before and after
-    assert "| cooldown_12 | 12 | 2 |" in printed
+    assert "| cooldown_12 | 12 | 2 |" in printed and printed.count(" | - |") == 1  # no cooldown before it
+    assert "trunk val loss per doubling of CPU-hours: " in printed
+
+
+def test_the_plateau_figures_are_gains_per_cpu_hour_and_the_slope_per_doubling():
+    gains = plot_long_run.gains_per_cpu_hour([(1.0, 6.0), (3.0, 5.9), (7.0, 5.88)])
+    assert gains[0] is None and gains[1:] == pytest.approx([0.05, 0.005])
+    hours = [0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0]
+    losses = [6.5, 6.4, 6.0 - 0.03 * 1, 6.0 - 0.03 * math.log2(3), 6.0 - 0.03 * 2, 6.0 - 0.03 * math.log2(6), 5.91]
+    slope, since = plot_long_run.loss_per_doubling(hours, losses)  # the last two doublings: 2-8 CPU-hours
+    assert since == 2.0 and slope == pytest.approx(-0.03)
+    assert plot_long_run.loss_per_doubling([8.0], [5.9]) is None
 
 
 def test_compare_runs_tables_each_run_and_refuses_unpaired_cooldowns(tiny, tmp_path, uninterrupted, first_sitting,

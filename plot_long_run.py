@@ -18,6 +18,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from training.run_logs import RunFolder
@@ -73,15 +74,11 @@ def gains_per_cpu_hour(points: list[tuple[float, float]]) -> list[float | None]:
 def loss_per_doubling(hours: list[float], losses: list[float]) -> tuple[float, float] | None:
     """Least-squares slope of loss against log2(hours) over the last FIT_DOUBLINGS doublings, and where they begin
     (None with fewer than two points there)."""
-    if not hours:
+    since = hours[-1] / 2 ** FIT_DOUBLINGS if hours else 0.0
+    fitted = [(math.log2(h), v) for h, v in zip(hours, losses) if h >= since]
+    if len(fitted) < 2:
         return None
-    since = hours[-1] / 2 ** FIT_DOUBLINGS
-    xs = [math.log2(h) for h in hours if h >= since]
-    ys = [v for h, v in zip(hours, losses) if h >= since]
-    if len(xs) < 2:
-        return None
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs), since
+    return float(np.polyfit(*zip(*fitted), 1)[0]), since
 
 
 def plot(args: argparse.Namespace) -> None:

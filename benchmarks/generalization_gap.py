@@ -46,12 +46,10 @@ def report(args: argparse.Namespace) -> None:
     print(f"{args.transformer}: {n} val images against {n} of the {len(cache.train)} train images "
           f"(seed {args.seed}), same fixed masks, {amp}")
     print(f"{'masks':<12} {'val loss':>9} {'train loss':>10} {'gap':>8} {'val acc':>8} {'train acc':>9}")
+    data = {split: TokenData.for_validation(tokens, maskgit, env.device, holes=True) for split, tokens in splits.items()}
     for holes, name in ((False, "uniform"), (True, "whole holes")):
-        rows = {}
-        for split, tokens in splits.items():
-            data = TokenData.for_validation(tokens, maskgit, env.device, holes=holes)
-            rows[split] = validate(maskgit.transformer, data, args.batch_size, env, amp, holes=holes)
-        (val_loss, val_acc), (train_loss, train_acc) = rows["val"], rows["train"]
+        (val_loss, val_acc), (train_loss, train_acc) = (
+            validate(maskgit.transformer, data[split], args.batch_size, env, amp, holes=holes) for split in splits)
         print(f"{name:<12} {val_loss:>9.4f} {train_loss:>10.4f} {val_loss - train_loss:>8.4f} "
               f"{val_acc:>8.2%} {train_acc:>9.2%}")
 

@@ -313,7 +313,7 @@ class TransformerTrainer:
                             f"needs (--batch-size x --accum-grad x processes); lower them or raise --partial")
         self.total_steps = (args.epochs - args.start_from_epoch) * self.steps_per_epoch
         self.optimizer = self.model.configure_optimizers(args.learning_rate, tuple(args.betas), args.weight_decay,
-                                                         env.device.type, implementation=adamw)
+                                                         implementation=adamw)
         # a cooldown branch (--cooldown-steps) decays from the trunk's step cooldown_start and stops at rate 0
         self.cooldown_start = cooldown_start
         if lr_factor is None:  # lr_factor(step) scales the peak rate

@@ -124,13 +124,18 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, N, dim] -> [B, N, dim]."""
+        return self.proj(self.heads(x))
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, N, dim] -> the heads' outputs concatenated, [B, N, dim], before W_O: the only step that mixes
+        positions (the rest of a layer is row-wise, so its caller may run it on some rows only)."""
         p = self.attn_drop.p if self.training else 0.0
         if x.is_cpu and p < 1.0 and not torch.compiler.is_compiling():
-            return self.proj(_ChunkedAttention.apply(self.qkv(x), self.num_heads, self.scale, p))
+            return _ChunkedAttention.apply(self.qkv(x), self.num_heads, self.scale, p)
         b, n, dim = x.shape
         # [B, N, 3*dim] -> 3 x [B, H, N, dh]: strided views, copied only where the matmuls need it
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         # scaling q ([B,H,N,dh]) costs N/dh times less than scaling the scores ([B,H,N,N])
         attn = self.attn_drop(torch.matmul(q * self.scale, k.transpose(-2, -1)).softmax(dim=-1))
         out = torch.matmul(attn, v)  # [B, H, N, dh]
-        return self.proj(out.transpose(1, 2).reshape(b, n, dim))
+        return out.transpose(1, 2).reshape(b, n, dim)

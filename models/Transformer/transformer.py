@@ -10,15 +10,23 @@ from .attention import Dropout, MultiHeadAttention
 
 LN_EPS = 1e-12  # the lab's value; kept so lab-trained weights give identical outputs
 ADAMW_IMPLEMENTATIONS = ("for-loop", "foreach", "fused")  # torch.optim.AdamW's three code paths, same update rule
-DEFAULT_CPU_ADAMW = "foreach"  # torch's own CPU default; see configure_optimizers
-# The training forward's output head runs on the masked rows, padded to a multiple of this: their count changes
-# every step, and the CPU's oneDNN builds and caches a matmul kernel per shape, which grew a training process by
-# ~10 MB per step (10 GB after 1,400 steps); padded, the head has at most 8192 / 256 = 32 shapes at batch 32.
-HEAD_ROW_BUCKET = 256
+# the fastest measured (benchmarks/train_throughput.py --variants): on CUDA, and on the CPU by 1-4 % over torch's
+# CPU default (foreach) in six of six runs on the Xeon with AMX (docs/SPEED.md)
+DEFAULT_ADAMW = "fused"
+# The training forward's last layer and output head run on the masked rows, padded to a multiple of this: their
+# count changes every step, and the CPU's oneDNN builds and caches a matmul kernel per shape, which grew a training
+# process by ~10 MB per step (10 GB after 1,400 steps); padded, each matmul has at most 8192 / 256 = 32 shapes at
+# batch 32.
+MASKED_ROW_BUCKET = 256
 
 
 class EncoderLayer(nn.Module):
-    """Post-norm layer: x = LN1(x + drop(Attn(x))); x = LN2(x + MLP(x))."""
+    """Post-norm layer: x = LN1(x + drop(Attn(x))); x = LN2(x + MLP(x)).
+
+    Only the attention's heads mix positions; with `rows` (indices into the flattened [B*N] positions) everything
+    after them runs on those rows alone and the layer returns [len(rows), dim]: the output of the last layer is
+    needed at the masked positions only.
+    """
 
     def __init__(self, dim: int, hidden_dim: int, num_heads: int, dropout: float, attn_dropout: float) -> None:
         super().__init__()
@@ -28,8 +36,11 @@ class EncoderLayer(nn.Module):
         self.MLP = nn.Sequential(nn.Linear(dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, dim), Dropout(dropout))
         self.dropout = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.LayerNorm1(x + self.dropout(self.Attention(x)))
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        heads = self.Attention.heads(x)
+        if rows is not None:
+            x, heads = x.flatten(0, 1).index_select(0, rows), heads.flatten(0, 1).index_select(0, rows)
+        x = self.LayerNorm1(x + self.dropout(self.Attention.proj(heads)))
         return self.LayerNorm2(x + self.MLP(x))
 
 
@@ -75,25 +86,25 @@ class BidirectionalTransformer(nn.Module):
             # keep the residual stream in the autocast dtype: on the CPU this spares a cast before every Linear
             # and mixed-dtype adds (~6% of a training step) for a slightly larger error (logits 1.6% vs 1.3% off fp32)
             h = h.to(torch.get_autocast_dtype(device))
-        h = self.Token_Prediction(self.blocks(h))
         if mask is None:
-            return torch.matmul(h, self.tok_emb.weight.t()) + self.bias
+            return torch.matmul(self.Token_Prediction(self.blocks(h)), self.tok_emb.weight.t()) + self.bias
         rows = mask.flatten().nonzero().squeeze(1)  # row-major, as boolean indexing orders them
         count = len(rows)
-        padded = torch.cat([rows, rows.new_zeros(-count % HEAD_ROW_BUCKET)])  # padding: row 0, sliced off below
-        logits = torch.matmul(h.flatten(0, 1).index_select(0, padded), self.tok_emb.weight.t())[:count]
+        padded = torch.cat([rows, rows.new_zeros(-count % MASKED_ROW_BUCKET)])  # padding: row 0, sliced off below
+        h = self.Token_Prediction(self.blocks[-1](self.blocks[:-1](h), padded))
+        logits = torch.matmul(h, self.tok_emb.weight.t())[:count]
         return logits + self.bias.index_select(0, rows % self.num_image_tokens)
 
     def configure_optimizers(self, learning_rate: float, betas: tuple[float, float], weight_decay: float,
-                             device_type: str = "cpu", implementation: str | None = None) -> torch.optim.AdamW:
+                             implementation: str | None = None) -> torch.optim.AdamW:
         """AdamW with weight decay on the matrices only: biases, LayerNorms and the [N, ids] output bias (a
         per-position prior, not a weight matrix) are not decayed (nanoGPT's rule). `implementation` is one of
-        ADAMW_IMPLEMENTATIONS; by default the fastest measured (benchmarks/train_throughput.py --variants): fused
-        kernels on CUDA, DEFAULT_CPU_ADAMW on the CPU."""
+        ADAMW_IMPLEMENTATIONS, by default DEFAULT_ADAMW. A resumed optimizer keeps the implementation its checkpoint
+        was saved with (load_state_dict restores the group's flags); the update rule is the same."""
         params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         groups = [{"params": [p for n, p in params if p.dim() >= 2 and n != "bias"], "weight_decay": weight_decay},
                   {"params": [p for n, p in params if p.dim() < 2 or n == "bias"], "weight_decay": 0.0}]
-        implementation = implementation or ("fused" if device_type == "cuda" else DEFAULT_CPU_ADAMW)
+        implementation = implementation or DEFAULT_ADAMW
         if implementation not in ADAMW_IMPLEMENTATIONS:
             raise ValueError(f"AdamW implementation {implementation!r}; choose one of {', '.join(ADAMW_IMPLEMENTATIONS)}")
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=implementation == "fused",

@@ -76,9 +76,10 @@ class BidirectionalTransformer(nn.Module):
         """tokens: LongTensor [B, num_image_tokens], ids in [0, mask_token_id] -> logits [B, num_image_tokens, ids].
 
         With `mask` (bool [B, num_image_tokens]) only the logits of the masked positions, [M, ids] in the order of
-        logits[mask]: the training loss needs no others, and the output head (a [dim, ids] matmul, the bias and the
-        loss's softmax over 1025 ids, forward and backward) then costs in proportion to the masked share, 2/pi on
-        average under the cosine schedule and less inside holes (its matmul on the rows padded to HEAD_ROW_BUCKET).
+        logits[mask]: the training loss needs no others, so everything after the last layer's attention heads (its
+        W_O, LayerNorms and MLP, Token_Prediction, the [dim, ids] output head, the bias and the loss's softmax over
+        1025 ids, forward and backward) costs in proportion to the masked share, 2/pi on average under the cosine
+        schedule and less inside holes; it runs on the masked rows padded to a multiple of MASKED_ROW_BUCKET.
         """
         h = self.drop(self.LN(self.tok_emb(tokens) + self.pos_emb))
         device = tokens.device.type

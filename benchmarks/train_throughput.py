@@ -57,7 +57,7 @@ from models.VQGAN_Transformer import MaskGit, load_maskgit_config  # noqa: E402
 from training.transformer import (DEFAULT_CONFIG, TokenData, TransformerTrainer, fill_defaults,  # noqa: E402
                                   training_parser)
 from utils.cli import OneLineParser, run_cli  # noqa: E402
-from utils.precision import AMP_CHOICES, resolve_amp  # noqa: E402
+from utils.precision import AMP_CHOICES, device_name, resolve_amp  # noqa: E402
 from utils.train_utils import DistEnv, GracefulInterrupt, seed_everything  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -193,8 +193,8 @@ def measure(args: argparse.Namespace) -> None:
     precision = "bf16" if targs.amp == "bf16" else "fp32"
     print(f"config {args.config}: dim {cfg['dim']}, layers {cfg['n_layers']}, tokens {n}, batch {b}, "
           f"threads {torch.get_num_threads()}, params {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M, "
-          f"{precision}, CPU {torch.backends.cpu.get_cpu_capability()}, dropout {model.drop.p}, "
-          f"attn_dropout {model.blocks[0].Attention.attn_drop.p}; the trainer's step "
+          f"{precision}, CPU {device_name(CPU)}, ATen kernels {torch.backends.cpu.get_cpu_capability()}, "
+          f"dropout {model.drop.p}, attn_dropout {model.blocks[0].Attention.attn_drop.p}; the trainer's step "
           f"(train masks {targs.train_masks}, label smoothing {targs.label_smoothing}, grad clip {targs.grad_clip}, "
           f"EMA {targs.ema_decay})")
     base = statistics.median(own.step_sec)

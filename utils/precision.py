@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import platform
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 
 import torch
 
@@ -52,14 +53,24 @@ def conv_memory_format(device: torch.device | str) -> torch.memory_format:
     return torch.channels_last if bf16_is_fast(device) else torch.contiguous_format
 
 
+# /proc/cpuinfo flags, widest first: the units a CPU's matmuls run on, which decide both the precision and what a
+# speed figure can be compared with (a VM's model name may not tell: this project's Xeon is "Intel(R) Xeon(R) Processor")
+CPU_MATMUL_UNITS = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2"))
+CPUINFO = Path("/proc/cpuinfo")
+
+
 def device_name(device: torch.device | str) -> str:
-    """The GPU's or the CPU's model name, for the records of which machine a measurement ran on."""
+    """The GPU's name, or the CPU's model name and its widest matmul units, e.g. "Intel(R) Xeon(R) Processor (AMX)",
+    for the records of which machine a measurement ran on."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        fields = [line.split(":", 1) for line in CPUINFO.read_text().splitlines() if ":" in line]
     except OSError:
-        names = []
-    return names[0] if names else platform.processor() or "unknown CPU"
+        fields = []
+    names = [value.strip() for key, value in fields if key.strip() == "model name"]
+    flags = next((set(value.split()) for key, value in fields if key.strip() == "flags"), set())
+    units = next((label for flag, label in CPU_MATMUL_UNITS if flag in flags), None)
+    name = names[0] if names else platform.processor() or "unknown CPU"
+    return f"{name} ({units})" if units else name

@@ -54,7 +54,7 @@ def conv_memory_format(device: torch.device | str) -> torch.memory_format:
 
 
 # /proc/cpuinfo flags, widest first: the units a CPU's matmuls run on, which decide both the precision and what a
-# speed figure can be compared with (a VM's model name may not tell: this project's Xeon is "Intel(R) Xeon(R) Processor")
+# speed figure can be compared with (a VM's model name may not say: our Xeon is "Intel(R) Xeon(R) Processor")
 CPU_MATMUL_UNITS = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2"))
 CPUINFO = Path("/proc/cpuinfo")
 

@@ -49,7 +49,8 @@ class BidirectionalTransformer(nn.Module):
 
     cfg keys: num_image_tokens, num_codebook_vectors, dim, n_layers, hidden_dim; optional num_heads (16),
     dropout (0.1) and attn_dropout (default: dropout), the dropout on the attention probabilities, which on the
-    CPU costs more than the rest together ([B, heads, N, N] random draws). The output head is tied to the token embedding: logits = h @ tok_emb.weight^T + bias.
+    CPU costs more than the rest together ([B, heads, N, N] random draws). The output head is tied to the token
+    embedding: logits = h @ tok_emb.weight^T + bias.
     """
 
     def __init__(self, cfg: dict[str, Any]) -> None:

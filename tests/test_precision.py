@@ -8,7 +8,7 @@ import pytest
 from utils import precision
 from utils.precision import device_name
 
-CPUINFO = """processor\t: {n}
+CPUINFO_SECTION = """processor\t: {n}
 model name\t: {model}
 flags\t\t: fpu sse sse2 {flags}
 """
@@ -20,7 +20,7 @@ flags\t\t: fpu sse sse2 {flags}
 def test_device_name_names_the_cpu_and_its_widest_matmul_units(flags: str, units: str, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("\n".join(CPUINFO.format(n=n, model="AMD EPYC 9R14", flags=flags) for n in range(2)))
+    cpuinfo.write_text("\n".join(CPUINFO_SECTION.format(n=n, model="AMD EPYC 9R14", flags=flags) for n in range(2)))
     monkeypatch.setattr(precision, "CPUINFO", cpuinfo)
     assert device_name("cpu") == f"AMD EPYC 9R14 ({units})"
 

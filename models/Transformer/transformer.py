@@ -93,7 +93,10 @@ class BidirectionalTransformer(nn.Module):
         rows = mask.flatten().nonzero().squeeze(1)  # row-major, as boolean indexing orders them
         count = len(rows)
         padded = torch.cat([rows, rows.new_zeros(-count % MASKED_ROW_BUCKET)])  # padding: row 0, sliced off below
-        h = self.Token_Prediction(self.blocks[-1](self.blocks[:-1](h), padded))
+        *body, last = self.blocks  # (slicing an nn.Sequential would build a new module every step)
+        for block in body:
+            h = block(h)
+        h = self.Token_Prediction(last(h, padded))
         logits = torch.matmul(h, self.tok_emb.weight.t())[:count]
         return logits + self.bias.index_select(0, rows % self.num_image_tokens)
 

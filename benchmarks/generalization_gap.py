@@ -7,7 +7,7 @@ val_hole_loss use. A model that memorises its data shows a train loss well below
 gap near zero means it underfits: a larger shape or more compute would move it first.
 
     python benchmarks/generalization_gap.py --MaskGitConfig configs/MaskGit_small_gan.yml \\
-        --transformer pretrained/long_run/cooldown_2/transformer.pt --token-cache ~/runs/trunk/token_cache.pt
+        --transformer pretrained/long_run/cooldown_3/transformer.pt --token-cache ~/runs/trunk/token_cache.pt
 """
 from __future__ import annotations
 

@@ -4,7 +4,9 @@ The frozen VQGAN tokenizes the train/val images once (training/token_cache.py: c
 or the VQGAN weights change); training then only sees token ids. Each step masks ceil(gamma(r)*N) tokens per
 image (r ~ U(0,1)) and minimizes the cross-entropy on the masked positions; --train-masks strokes/boxes/mix masks
 part of a stroke or box hole instead, in every image or (mix) in a share --hole-mask-prob of them
-(training/train_masks.py).
+(training/train_masks.py). --augment shift moves and rescales each training image a little and tokenizes it on the
+fly (training/augment.py); a config with pixel_conditioning also feeds the transformer the known pixels of every
+token's patch (models/Transformer).
 
     python training_transformer.py              # configs/MaskGit_small_gan.yml on the shipped VQGAN: a CPU finishes it
     python training_transformer.py --resume     # continue it after a stop
@@ -39,11 +41,12 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from models.Transformer import BidirectionalTransformer
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config
-from training.token_cache import ensure_token_cache
+from training.token_cache import ensure_token_cache, image_dataset
 from training.transformer import (LOG_FIELDS, TokenData, TransformerTrainer, check_resume, fill_defaults,
                                   training_parser)
 from utils.checkpoint import ensure_writable_dir, load_state_dict_strict, load_training_state, load_weights
@@ -116,6 +119,11 @@ def tokenize_images(args: argparse.Namespace, env: DistEnv, maskgit: MaskGit, cf
     return cache_path
 
 
+def training_images(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
+    """The uint8 train and val images (the token cache's, in its order) for pixel conditioning and --augment."""
+    return image_dataset(args.train_d_path, "train").images, image_dataset(args.val_d_path, "val").images
+
+
 def copy_config(config: str, out: Path) -> None:
     """A copy of the config beside the weights, so that they can be loaded later without guessing."""
     source, copy = resolve_path(config), out / Path(config).name
@@ -139,8 +147,12 @@ def _train(args: argparse.Namespace, env: DistEnv) -> tuple[BidirectionalTransfo
     if args.cache_only:
         say(f"token cache ready: {cache_path}")
         return None
-    maskgit.vqgan.cpu()  # never used again in this run
-    data = TokenData.from_cache(cache_path, maskgit, args.partial, args.seed, env.device)
+    if args.augment == "shift":  # the jittered images are tokenized every step
+        maskgit.vqgan.to(env.device)
+    else:
+        maskgit.vqgan.cpu()  # never used again in this run
+    images = training_images(args) if maskgit.transformer.pixel_conditioning or args.augment == "shift" else None
+    data = TokenData.from_cache(cache_path, maskgit, args.partial, args.seed, env.device, images)
 
     cooldown_start = state.get("cooldown_start", state["step"]) if args.cooldown_steps else None
     trainer = TransformerTrainer(maskgit, data, args, cfg, env, out, cooldown_start=cooldown_start)

@@ -6,6 +6,7 @@ that nothing outside this file reaches into the VQGAN.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,7 +19,7 @@ from models.schedules import GAMMAS, gamma_func
 from models.VQGAN import VQGAN, load_vqgan, load_vqgan_config
 from utils.checkpoint import CheckpointError, load_state_dict_strict, load_weights
 from utils.config import ConfigError, load_config, require_keys, require_positive_ints, resolve_path
-from utils.image import denormalize, normalize
+from utils.image import IMAGE_SIZE, denormalize, normalize
 
 DEFAULT_TRANSFORMER_CKPT = "./transformer_checkpoints/transformer_last.pt"  # where training_transformer.py writes
 DECODINGS = ("sample", "argmax")
@@ -35,10 +36,16 @@ def load_maskgit_config(path: str | Path) -> dict[str, Any]:
         require_keys(cfg[section], keys, f"model_param.{section}", path)
     tp = cfg["Transformer_param"]
     require_positive_ints(cfg, ["num_image_tokens", "num_codebook_vectors"], "model_param", path)
-    require_positive_ints(tp, TRANSFORMER_KEYS + ["num_heads"], "model_param.Transformer_param", path)
+    require_positive_ints(tp, TRANSFORMER_KEYS + ["num_heads", "image_size"], "model_param.Transformer_param", path)
     if tp["dim"] % tp.get("num_heads", 16):
         raise ConfigError(f"{path}: model_param.Transformer_param.dim ({tp['dim']}) must be a multiple of num_heads "
                           f"({tp.get('num_heads', 16)})")
+    if not isinstance(tp.get("pixel_conditioning", False), bool):
+        raise ConfigError(f"{path}: model_param.Transformer_param.pixel_conditioning is "
+                          f"{tp['pixel_conditioning']!r}; use true or false")
+    if tp.get("pixel_conditioning") and tp.get("image_size", IMAGE_SIZE) % math.isqrt(tp["num_image_tokens"]):
+        raise ConfigError(f"{path}: model_param.Transformer_param.image_size must be a multiple of the latent grid's "
+                          f"side ({math.isqrt(tp['num_image_tokens'])})")
     for key in ("dropout", "attn_dropout"):
         value = tp.get(key, 0.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:

@@ -25,11 +25,13 @@ def lab_way_inpaint(model: MaskGit, image: torch.Tensor, pixel_known: torch.Tens
     _, z_indices = model.encode_to_z(image)
     mask_num = int(mask_bc.sum())
     gamma = model.gamma_func(gamma_type)
+    pixels = (image, pixel_known) if model.transformer.pixel_conditioning else None
     decoded = []
     for step in range(total_iter):
         if step == sweet_spot:
             break
-        logits = model.transformer(torch.where(mask_bc, model.mask_token_id, z_indices))[..., :model.mask_token_id]
+        logits = model.transformer(torch.where(mask_bc, model.mask_token_id, z_indices), pixels=pixels)
+        logits = logits[..., :model.mask_token_id]
         logp = (logits / temperature).log_softmax(dim=-1)
         if argmax:
             idx = logp.argmax(dim=-1)

@@ -142,12 +142,15 @@ def decode(transformer: nn.Module, tokens: torch.Tensor, masked: torch.Tensor, *
            final_temperature: float | None = None, choice_temperature: float = 4.5, argmax: bool = False,
            generator: torch.Generator | None = None, amp: str = "bf16", keep_steps: bool = False,
            logit_bias: torch.Tensor | None = None, ordering: str = "confidence",
+           pixels: tuple[torch.Tensor, torch.Tensor] | None = None,
            on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> DecodeOutput:
     """Fill the `masked` (bool [B, N]) positions of `tokens` (LongTensor [B, N]) by the rule in the module docstring.
 
     The transformer (in eval mode) needs `.mask_token_id` and `.num_codebook_vectors`. amp ('bf16' or 'none',
     utils.precision) is the precision of its forward; the softmax, sampling and ranking are always fp32.
     `logit_bias` [B, N, K] (e.g. pixel_evidence) is added to the logits of the real codes before the softmax.
+    `pixels` (the normalized masked images and their pixel_known) goes to a transformer with pixel conditioning at
+    every step: the known pixels stay the same while the tokens are filled in.
     `on_step(t, filled, still_masked)`, called after every step with the step_tokens and step_masks that
     keep_steps keeps, lets a caller show each step as soon as it is computed.
     """
@@ -167,7 +170,7 @@ def decode(transformer: nn.Module, tokens: torch.Tensor, masked: torch.Tensor, *
     step_tokens, step_masks = [], []
     for t in range(steps):
         with autocast(tokens.device, amp):
-            logits = transformer(tokens)
+            logits = transformer(tokens) if pixels is None else transformer(tokens, pixels=pixels)
         logits = logits[cur][:, :k].float()  # [M, K], masked rows only
         if logit_bias is not None:
             logits = logits + logit_bias[cur]
@@ -235,14 +238,16 @@ def inpaint(model: MaskGit, images: torch.Tensor, pixel_known: torch.Tensor, *, 
     gamma_type and choice_temperature default to the model's config; pixel_guidance and seam_blend are the module
     docstring's additions (seam_blend needs paste_back); decode_kwargs (sweet_spot, temperature, final_temperature,
     argmax, generator, amp, keep_steps, ordering, on_step) go to decode.
-    The VQGAN runs in fp32, once to encode and once to decode; step images are left to the caller.
+    The VQGAN runs in fp32, once to encode and once to decode; step images are left to the caller. A transformer
+    with pixel conditioning reads the known pixels of `images` (never its hole pixels) at every step.
     """
     known = latent_known_mask(pixel_known, model.latent_resolution)
     if pixel_guidance > 0:
         indices, bias = pixel_evidence(model, images, pixel_known, pixel_guidance)
     else:
         (_, indices), bias = model.encode_to_z(images), None
-    result = decode(model.transformer, indices, ~known, total_iter=total_iter,
+    pixels = (images, pixel_known) if model.transformer.pixel_conditioning else None
+    result = decode(model.transformer, indices, ~known, total_iter=total_iter, pixels=pixels,
                     gamma_type=gamma_type or model.gamma_type,
                     choice_temperature=model.choice_temperature if choice_temperature is None else choice_temperature,
                     logit_bias=bias, **decode_kwargs)

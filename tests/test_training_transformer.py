@@ -21,6 +21,7 @@ import training_transformer
 from models.VQGAN import VQGAN, load_vqgan
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config
 from training.token_cache import ensure_token_cache, load_token_cache
+from sampler.latent_mask import latent_known_mask, pixel_known_of_tokens
 from training.train_masks import BANK_SIZE, TrainingMasks, latent_holes
 from training.transformer import VAL_MASK_SEED, TokenData
 from utils.checkpoint import TRAINING_STATE_TAG, atomic_save, load_training_state, load_weights
@@ -60,15 +61,28 @@ def with_prob(masks, p):
     return other
 
 
+def latent(pixel_holes):
+    return ~latent_known_mask(~pixel_holes, 16)
+
+
 def draw(masks, target, seed):
-    """(mask, the latent holes drawn for it) of one call under torch seed `seed`."""
+    """(mask, the latent holes drawn for it) of one call under torch seed `seed`; its pixel_known is checked: the
+    drawn hole's pixels for a hole sample, else the patches of the tokens left known."""
     drawn = []
     spy = copy.copy(masks)
     spy.holes = lambda b, device: drawn.append(masks.holes(b, device)) or drawn[-1]
     torch.manual_seed(seed)
-    corrupted, mask = spy(target)
+    corrupted, mask, pixel_known = spy(target)
     assert torch.equal(corrupted, target.masked_fill(mask, 32))
-    return mask, drawn[0] if drawn else None
+    assert pixel_known.shape == (len(target), 1, 64, 64)
+    uniform = pixel_known_of_tokens(~mask, 64)
+    if drawn:
+        in_hole = (pixel_known[:, 0] == ~drawn[0]).flatten(1).all(1)
+        assert (in_hole | (pixel_known == uniform).flatten(1).all(1)).all()
+        assert not (mask & latent_known_mask(pixel_known, 16)).any()  # a masked token never has all its pixels
+    else:
+        assert torch.equal(pixel_known, uniform)
+    return mask, latent(drawn[0]) if drawn else None
 
 
 def is_box(holes):
@@ -286,12 +300,13 @@ def test_hole_samples_mask_part_of_their_hole_and_at_least_one_token(maskgit, mi
     share = mask.sum(1) / size
     assert (share == 1).sum() > 8 and (share < 0.5).sum() > 40  # the whole hole (step 0) and later steps
     # the holes are bank entries, flipped or transposed; stroke and box 50/50
-    bank = mix_masks.bank.view(-1, 16, 16)
+    latent_bank = latent(mix_masks.bank)
+    bank = latent_bank.view(-1, 16, 16)
     variants = torch.cat([b.flatten(1) for t in (bank, bank.transpose(1, 2))
                           for b in (t, t.flip(1), t.flip(2), t.flip(1).flip(2))])
     assert all((variants == h).all(1).any() for h in holes[:32])
-    assert not all((mix_masks.bank == h).all(1).any() for h in holes[:32])  # some are transformed
-    assert 80 < is_box(holes).sum() < 176 and is_box(mix_masks.bank).sum() == BANK_SIZE["box"]
+    assert not all((latent_bank == h).all(1).any() for h in holes[:32])  # some are transformed
+    assert 80 < is_box(holes).sum() < 176 and is_box(latent_bank).sum() == BANK_SIZE["box"]
     # P=0.5: about half the samples leave their hole
     mask, holes = draw(with_prob(mix_masks, 0.5), target, 0)
     assert 80 < (mask & ~holes).any(1).sum() < 176

@@ -35,7 +35,8 @@ class TokenCache:
     encoder_precision: str
 
 
-def _dataset(folder: str | Path, split: str) -> ImageFolderDataset:
+def image_dataset(folder: str | Path, split: str) -> ImageFolderDataset:
+    """The images of a folder, or a UserError naming the folder."""
     try:
         return ImageFolderDataset(folder, split=split)
     except (OSError, ValueError) as e:  # missing or empty folder: the dataset's message names it
@@ -103,7 +104,7 @@ def ensure_token_cache(vqgan: VQGAN, vq_ckpt_path: str | Path, train_dir: str | 
     matches fp32 on >= 99.9% of the tokens of the first 64 training images (measured at every build, printed and
     stored in the cache), else fp32.
     """
-    datasets = {"train": _dataset(train_dir, "train"), "val": _dataset(val_dir, "val")}
+    datasets = {"train": image_dataset(train_dir, "train"), "val": image_dataset(val_dir, "val")}
     key = cache_key(datasets, vq_ckpt_path, precision)
     cache_path = Path(cache_path)
     if cache_path.is_file():

@@ -9,7 +9,9 @@ the one MVTM rule, which here only gets a region.
 
 stroke_mask takes 10-20 ms a hole, far too slow per sample, so the holes are drawn once into a bank from --seed;
 each sample then picks an entry and one of its 8 flips/transposes with torch's RNG, which the training state
-saves, so --resume continues exactly.
+saves, so --resume continues exactly. The bank keeps the pixel holes, not only their tokens: a transformer with
+pixel conditioning sees the known pixels of partly covered tokens, as it does at test time. A uniform (MVTM)
+sample has no pixel hole; its masked tokens hide their whole patches (pixel_known_of_tokens).
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import numpy as np
 import torch
 
 from models.VQGAN_Transformer import MaskGit
-from sampler.latent_mask import latent_known_mask
+from sampler.latent_mask import latent_known_mask, pixel_known_of_tokens
+from utils.image import IMAGE_SIZE
 from utils.masks import HOLE_KINDS, fixed_holes
 
 # --train-masks: the hole kinds each choice draws from (uniform: none, MVTM everywhere; mix: stroke or box 50/50)
@@ -35,19 +38,18 @@ def latent_holes(pixel_holes: np.ndarray, latent_resolution: int) -> torch.Tenso
     return ~latent_known_mask(torch.from_numpy(~pixel_holes), latent_resolution)
 
 
-def hole_bank(kind: str, seed: int, latent_resolution: int) -> torch.Tensor:
-    """BANK_SIZE[kind] latent holes of one kind of utils.masks.HOLE_KINDS, fixed by `seed`: bool [M, N]."""
+def hole_bank(kind: str, seed: int) -> torch.Tensor:
+    """BANK_SIZE[kind] pixel holes of one kind of utils.masks.HOLE_KINDS, fixed by `seed`: bool [M, H, W]."""
     entropy = [HOLE_BANK_SEED, list(HOLE_KINDS).index(kind), seed % 2 ** 32]
     rng = np.random.default_rng(entropy)
-    return latent_holes(np.stack([HOLE_KINDS[kind](rng) for _ in range(BANK_SIZE[kind])]), latent_resolution)
+    return torch.from_numpy(np.stack([HOLE_KINDS[kind](rng) for _ in range(BANK_SIZE[kind])]))
 
 
-def val_hole_masks(n: int, latent_resolution: int) -> torch.Tensor:
-    """The fixed whole-hole masks of the first `n` val images, bool [n, N]: the first half take their stroke hole,
+def val_holes(n: int) -> np.ndarray:
+    """The fixed pixel holes of the first `n` val images, bool [n, H, W]: the first half take their stroke hole,
     the rest their box hole of utils.masks.fixed_holes (the holes experiments.py --split val fills)."""
     strokes = (n + 1) // 2
-    holes = np.concatenate([fixed_holes("stroke", strokes), fixed_holes("box", n)[strokes:]])
-    return latent_holes(holes, latent_resolution)
+    return np.concatenate([fixed_holes("stroke", strokes), fixed_holes("box", n)[strokes:]])
 
 
 class TrainingMasks:
@@ -58,33 +60,36 @@ class TrainingMasks:
     def __init__(self, maskgit: MaskGit, mode: str, hole_prob: float, seed: int, device: torch.device) -> None:
         self.maskgit, self.mode, self.hole_prob = maskgit, mode, hole_prob
         kinds = TRAIN_MASKS[mode]
-        banks = [hole_bank(kind, seed, maskgit.latent_resolution) for kind in kinds]
+        banks = [hole_bank(kind, seed) for kind in kinds]
         self.bank = torch.cat(banks).to(device) if banks else None  # the kinds one after the other
         sizes = torch.tensor([len(b) for b in banks], dtype=torch.long)
         self.sizes = sizes.to(device)
         self.offsets = (sizes.cumsum(0) - sizes).to(device)
 
     def holes(self, b: int, device: torch.device) -> torch.Tensor:
-        """`b` latent holes bool [b, N]: a kind, an entry of its bank and a flip/transpose, each drawn per sample."""
+        """`b` pixel holes bool [b, H, W]: a kind, an entry of its bank and a flip/transpose, each drawn per sample."""
         kind = torch.randint(len(self.sizes), (b,), device=device)
         entry = self.offsets[kind] + (torch.rand(b, device=device) * self.sizes[kind]).long()
-        side = self.maskgit.latent_resolution
-        holes = self.bank[entry].view(b, side, side)
+        holes = self.bank[entry]
         flip = torch.rand(b, 3, device=device)[:, :, None, None] < 0.5
         holes = torch.where(flip[:, 0], holes.flip(-1), holes)
         holes = torch.where(flip[:, 1], holes.flip(-2), holes)
-        return torch.where(flip[:, 2], holes.transpose(-1, -2), holes).flatten(1)
+        return torch.where(flip[:, 2], holes.transpose(-1, -2), holes)
 
-    def __call__(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids [B, N] -> (corrupted ids, mask bool [B, N]); uniform draws exactly MaskGit.mask_tokens."""
+    def __call__(self, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids [B, N] -> (corrupted ids, mask bool [B, N], pixel_known bool [B, 1, H, W]); uniform draws
+        exactly MaskGit.mask_tokens, and its pixel_known is the patches of the tokens it leaves."""
         corrupted, mask = self.maskgit.mask_tokens(target)
+        pixel_known = pixel_known_of_tokens(~mask, IMAGE_SIZE)
         if self.bank is None:
-            return corrupted, mask
+            return corrupted, mask, pixel_known
         b, device = len(target), target.device
         use = torch.rand(b, device=device) < self.hole_prob if self.mode == "mix" else \
             torch.ones(b, dtype=torch.bool, device=device)
-        holes = self.holes(b, device)
+        pixel_holes = self.holes(b, device)
+        holes = ~latent_known_mask(~pixel_holes, self.maskgit.latent_resolution)
         use &= holes.any(dim=1)
         hole_mask = self.maskgit.mask_tokens(target, region=holes)[1]
         mask = torch.where(use[:, None], hole_mask, mask)
-        return target.masked_fill(mask, self.maskgit.mask_token_id), mask
+        pixel_known = torch.where(use[:, None, None, None], ~pixel_holes[:, None], pixel_known)
+        return target.masked_fill(mask, self.maskgit.mask_token_id), mask, pixel_known

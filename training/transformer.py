@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
@@ -26,12 +27,15 @@ from tqdm import tqdm
 
 from models.Transformer import BidirectionalTransformer
 from models.VQGAN_Transformer import MaskGit, masked_correct
+from sampler.latent_mask import pixel_known_of_tokens
+from training.augment import AUGMENTATIONS, DEFAULT_AUGMENT, jitter
 from training.token_cache import load_token_cache
 from training.train_masks import (DEFAULT_HOLE_MASK_PROB, DEFAULT_TRAIN_MASKS, TRAIN_MASKS, TrainingMasks,
-                                  val_hole_masks)
+                                  latent_holes, val_holes)
 from utils.checkpoint import TRAINING_STATE_TAG, atomic_save, load_state_dict_strict, rng_state, set_rng_state
 from utils.cli import EXIT_INTERRUPTED, OneLineParser, TrainingStopped, UserError
 from utils.config import ConfigError, load_config
+from utils.image import normalize
 from utils.precision import autocast, device_name
 from utils.train_utils import (EMA, CSVLog, DistEnv, GracefulInterrupt, StepLog, all_gather_object, all_reduce_sum,
                                atomic_write_text, check_finite_weights, diverged, keep_freed_memory, warmup_cosine,
@@ -45,8 +49,12 @@ LOG_FIELDS = ["epoch", "step", "train_loss", "val_loss", "val_acc", "lr", "secon
 # flags that shape the sequence of batches and rates; --resume refuses to continue a run with different values
 RUN_SHAPE_FLAGS = ["batch_size", "accum_grad", "partial", "seed", "start_from_epoch", "train_masks", "hole_mask_prob",
                    "schedule"]
+# flags that --resume keeps but --resume-from may change: a branch of a run on other data (e.g. a study's arm
+# continuing a trunk with --augment shift)
+BRANCH_FLAGS = ["augment"]
 # flags added after training states were first saved: a state without one ran with this value
-LATER_FLAGS = {"train_masks": DEFAULT_TRAIN_MASKS, "hole_mask_prob": DEFAULT_HOLE_MASK_PROB, "schedule": "cosine"}
+LATER_FLAGS = {"train_masks": DEFAULT_TRAIN_MASKS, "hole_mask_prob": DEFAULT_HOLE_MASK_PROB, "schedule": "cosine",
+               "augment": DEFAULT_AUGMENT}
 SCHEDULES = ("cosine", "wsd")
 COMPACT_STATE_NAME = "trunk_state.pt"  # the WSD trunk's state for another machine (compact_state)
 # the recipe for the lab-size transformer; a config's optional train_param section replaces it for the model it
@@ -126,6 +134,9 @@ def training_parser() -> OneLineParser:
                         "--hole-mask-prob, else uniform")
     p.add_argument("--hole-mask-prob", type=float, default=DEFAULT_HOLE_MASK_PROB,
                    help="with --train-masks mix: the probability that a sample is masked inside a hole")
+    p.add_argument("--augment", choices=list(AUGMENTATIONS), default=DEFAULT_AUGMENT,
+                   help="flip: the token cache's images and their mirror images; shift: each also moved by up to 3 "
+                        "pixels and zoomed by up to 10 %%, tokenized on the fly (training/augment.py)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, used for validation and saved")
     p.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
@@ -164,7 +175,7 @@ def check_resume(state: dict[str, Any], args: argparse.Namespace, world_size: in
                         "finish the branch with its --cooldown-steps")
     if not args.start_from_epoch:
         args.start_from_epoch = saved["start_from_epoch"]
-    for flag in RUN_SHAPE_FLAGS:
+    for flag in RUN_SHAPE_FLAGS + (BRANCH_FLAGS if args.resume else []):
         if saved[flag] != getattr(args, flag):
             raise UserError(f"--resume: --{flag.replace('_', '-')} was {saved[flag]} in the saved run, "
                             f"now {getattr(args, flag)}; pass the same value")
@@ -172,39 +183,75 @@ def check_resume(state: dict[str, Any], args: argparse.Namespace, world_size: in
         raise UserError(f"--resume: the saved run used {state['world_size']} processes, now {world_size}")
 
 
+def image_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 images [N, H, W, 3] (utils.data's arrays) -> uint8 [N, 3, H, W]: a quarter of the memory of floats."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
 @dataclass
 class TokenData:
     """What training reads, on the training device: the training sequences (a fixed --partial subset, and the
     flipped copy of each) and the validation tokens with their fixed masks: uniform MVTM masks, and (when asked
-    for: drawing the strokes takes seconds) whole-hole masks (training.train_masks.val_hole_masks)."""
+    for: drawing the strokes takes seconds) whole-hole masks (training.train_masks.val_holes).
+
+    With images (pixel conditioning or --augment shift): `train_images` uint8 [n, 3, H, W], the subset's images
+    (sequence r >= n is image r - n flipped), `val_images` and the val holes' known pixels `val_hole_known`; and
+    `encoder_amp`, the precision the token cache was encoded in, which on-the-fly encoding keeps."""
     train: torch.Tensor
     val_target: torch.Tensor
     val_mask: torch.Tensor
     val_hole_mask: torch.Tensor | None = None
+    train_images: torch.Tensor | None = None
+    val_images: torch.Tensor | None = None
+    val_hole_known: torch.Tensor | None = None
+    encoder_amp: str = "none"
 
     @classmethod
-    def from_cache(cls, cache_path: str | Path, maskgit: MaskGit, partial: float, seed: int,
-                   device: torch.device) -> "TokenData":
-        """A token cache's tokens, with both kinds of val masks (training_transformer.py logs both)."""
+    def from_cache(cls, cache_path: str | Path, maskgit: MaskGit, partial: float, seed: int, device: torch.device,
+                   images: tuple[np.ndarray, np.ndarray] | None = None) -> "TokenData":
+        """A token cache's tokens, with both kinds of val masks (training_transformer.py logs both), and with
+        `images` (the uint8 train and val images the cache was built from) the pixels."""
         cache = load_token_cache(cache_path)
-        return cls.from_tokens(cache.train, cache.train_flip, cache.val, maskgit, partial, seed, device, holes=True)
+        data = cls.from_tokens(cache.train, cache.train_flip, cache.val, maskgit, partial, seed, device, holes=True,
+                               images=images)
+        return replace(data, encoder_amp="bf16" if cache.encoder_precision == "bf16" else "none")
 
     @classmethod
     def from_tokens(cls, train: torch.Tensor, train_flip: torch.Tensor, val: torch.Tensor, maskgit: MaskGit,
-                    partial: float, seed: int, device: torch.device, holes: bool = False) -> "TokenData":
-        """Token ids of train, of its mirror images and of val (e.g. a token cache's, or tokens made in memory)."""
+                    partial: float, seed: int, device: torch.device, holes: bool = False,
+                    images: tuple[np.ndarray, np.ndarray] | None = None) -> "TokenData":
+        """Token ids of train, of its mirror images and of val (e.g. a token cache's, or tokens made in memory),
+        and optionally their uint8 images (train, val) [N, H, W, 3]."""
         subset = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
         subset = subset[:max(1, round(partial * len(train)))].to(train.device)
-        return replace(cls.for_validation(val, maskgit, device, holes),
-                       train=torch.cat([train[subset], train_flip[subset]]).to(device))
+        for tokens, pixels in zip((train, val), images or ()):
+            if len(tokens) != len(pixels):
+                raise UserError(f"{len(pixels)} images against {len(tokens)} token sequences: the token cache was "
+                                f"built from other images; pass the folders it was built from")
+        data = cls.for_validation(val, maskgit, device, holes, images[1] if images else None)
+        train_images = image_tensor(images[0])[subset.cpu()].to(device) if images else None
+        return replace(data, train=torch.cat([train[subset], train_flip[subset]]).to(device),
+                       train_images=train_images)
 
     @classmethod
-    def for_validation(cls, val: torch.Tensor, maskgit: MaskGit, device: torch.device,
-                       holes: bool = False) -> "TokenData":
-        """The val tokens with their fixed masks and no training sequences: to validate a trained transformer."""
+    def for_validation(cls, val: torch.Tensor, maskgit: MaskGit, device: torch.device, holes: bool = False,
+                       images: np.ndarray | None = None) -> "TokenData":
+        """The val tokens with their fixed masks and no training sequences: to validate a trained transformer
+        (with `images`, uint8 [N, H, W, 3], one with pixel conditioning)."""
         mask = maskgit.mask_tokens(val.long(), torch.Generator().manual_seed(VAL_MASK_SEED))[1]
-        hole_mask = val_hole_masks(len(val), maskgit.latent_resolution).to(device) if holes else None
-        return cls(val[:0].to(device), val.to(device), mask.to(device), hole_mask)
+        hole_mask = hole_known = None
+        if holes:
+            pixel_holes = val_holes(len(val))
+            hole_mask = latent_holes(pixel_holes, maskgit.latent_resolution).to(device)
+            hole_known = torch.from_numpy(~pixel_holes)[:, None].to(device)
+        val_images = image_tensor(images).to(device) if images is not None else None
+        return cls(val[:0].to(device), val.to(device), mask.to(device), hole_mask, val_images=val_images,
+                   val_hole_known=hole_known)
+
+
+def normalized(images: torch.Tensor, split: str) -> torch.Tensor:
+    """uint8 images [B, 3, H, W] -> float, in the lab's normalized space of `split` (utils.image)."""
+    return normalize(images.float().div_(255), split)
 
 
 @torch.no_grad()
@@ -214,11 +261,18 @@ def validate(model: BidirectionalTransformer, data: TokenData, batch_size: int, 
     the fixed uniform masks, or with `holes` those of the fixed whole-hole masks."""
     model.eval()
     masks = data.val_hole_mask if holes else data.val_mask
+    if model.pixel_conditioning and data.val_images is None:
+        raise UserError("this transformer has pixel_conditioning: its validation needs the val images")
     loss_sum = correct = count = 0.0
     for i in range(env.rank * batch_size, len(data.val_target), env.world_size * batch_size):
         t, m = data.val_target[i:i + batch_size].long(), masks[i:i + batch_size]
+        pixels = None
+        if model.pixel_conditioning:  # the uniform masks hide whole patches; the holes their own pixels
+            images = normalized(data.val_images[i:i + batch_size], "val")
+            known = data.val_hole_known[i:i + batch_size] if holes else pixel_known_of_tokens(~m, images.shape[-1])
+            pixels = (images, known)
         with autocast(env.device, amp):
-            logits = model(t.masked_fill(m, model.mask_token_id))
+            logits = model(t.masked_fill(m, model.mask_token_id), pixels=pixels)
         c, n = masked_correct(logits, t, m)
         loss_sum += MaskGit.loss(logits, t, m).item() * n
         correct, count = correct + c, count + n
@@ -327,6 +381,9 @@ class TransformerTrainer:
         self.ema = EMA(self.model, args.ema_decay)
         self.progress = Progress(args.start_from_epoch)
         self.masks = TrainingMasks(maskgit, args.train_masks, args.hole_mask_prob, args.seed, env.device)
+        if (self.model.pixel_conditioning or args.augment == "shift") and data.train_images is None:
+            raise UserError("pixel conditioning and --augment shift train on images: load the data with them "
+                            "(TokenData.from_cache(..., images=...))")
 
     @property
     def last_step(self) -> int | None:
@@ -346,7 +403,8 @@ class TransformerTrainer:
                 f"{len(self.data.train)} train sequences (with flips), {len(self.data.val_target)} val | "
                 f"{env.world_size} process(es) x batch {a.batch_size} x accum {a.accum_grad} | "
                 f"{self.steps_per_epoch} steps/epoch, {schedule} | train masks {a.train_masks}"
-                f"{f' (hole mask prob {a.hole_mask_prob})' if a.train_masks == 'mix' else ''} | device {env.device}, "
+                f"{f' (hole mask prob {a.hole_mask_prob})' if a.train_masks == 'mix' else ''} | augment {a.augment}"
+                f"{' | pixel conditioning' if self.model.pixel_conditioning else ''} | device {env.device}, "
                 f"{'bf16' if a.amp == 'bf16' else 'fp32'}")
 
     def load_state(self, state: dict[str, Any], source: Path) -> None:
@@ -357,6 +415,8 @@ class TransformerTrainer:
             state = expand_compact_state(state)
         if self.cooldown_start is not None and "cooldown_start" not in state:
             state = {**state, "ema": {"module": state["model"], "num_updates": 0}}
+        if self.model.pixel_conditioning and "pixel_emb.weight" not in state["model"]:
+            state = self.with_pixel_conditioning(state)
         load_state_dict_strict(self.model, state["model"], source=str(source))
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -369,6 +429,23 @@ class TransformerTrainer:
         self.progress = Progress(state["epoch"], state["step"], state["step_in_epoch"], state["loss_sum"],
                                  state["loss_count"])
         set_rng_state(state["rng"][self.env.rank])
+
+    def with_pixel_conditioning(self, state: dict[str, Any]) -> dict[str, Any]:
+        """A state saved without pixel conditioning (e.g. the long run's trunk), continued with it: the weights
+        and the EMA get the zero pixel_emb (the same function), and the optimizer keeps every saved moment; the
+        pixel_emb parameters, which configure_optimizers appends to the end of each group (registered last), start
+        without AdamW state, as in a new run."""
+        saved = state["optimizer"]
+        moments = {}
+        groups = self.optimizer.state_dict()["param_groups"]
+        for group, saved_group in zip(groups, saved["param_groups"]):
+            for old, new in zip(saved_group["params"], group["params"]):
+                if old in saved["state"]:
+                    moments[new] = saved["state"][old]
+        ema = {**state["ema"], "module": self.model.with_pixel_conditioning(state["ema"]["module"])}
+        return {**state, "model": self.model.with_pixel_conditioning(state["model"]), "ema": ema,
+                "optimizer": {"state": moments, "param_groups": [{**saved_group, "params": group["params"]}
+                                                                 for group, saved_group in zip(groups, saved["param_groups"])]}}
 
     def save_state(self) -> None:
         """training_state.pt: everything --resume needs, every rank's RNG included (a collective call)."""
@@ -395,6 +472,22 @@ class TransformerTrainer:
             if raw:
                 atomic_save(weights(self.model), self.out / f"transformer_raw_{tag}.pt")
 
+    @torch.no_grad()
+    def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The target tokens [B, N] of these training sequences and, when the step needs them, their normalized
+        images [B, 3, H, W]; with --augment shift both come from the jittered images (training.augment)."""
+        data = self.data
+        if data.train_images is None:
+            return data.train[rows].long(), None
+        n = len(data.train_images)
+        images = normalized(data.train_images[rows % n], "train")
+        images = torch.where((rows >= n)[:, None, None, None], images.flip(-1), images)
+        if self.args.augment != "shift":
+            return data.train[rows].long(), images
+        images = jitter(images)
+        with autocast(self.env.device, data.encoder_amp):
+            return self.maskgit.encode_to_z(images)[1], images
+
     def optimizer_step(self, order: torch.Tensor, interrupt: GracefulInterrupt) -> tuple[float, bool]:
         """One optimizer step over --accum-grad micro-batches of the epoch order -> (loss averaged over ranks,
         whether any rank was interrupted); a non-finite loss stops the run before the weights change."""
@@ -402,12 +495,13 @@ class TransformerTrainer:
         step_loss = torch.zeros((), device=env.device)
         for micro in range(a.accum_grad):
             first = (self.progress.step_in_epoch * a.accum_grad + micro) * a.batch_size
-            target = self.data.train[order[first:first + a.batch_size]].long()
-            corrupted, mask = self.masks(target)
+            target, images = self.batch(order[first:first + a.batch_size])
+            corrupted, mask, pixel_known = self.masks(target)
+            pixels = (images, pixel_known) if self.model.pixel_conditioning else None
             last_micro = micro == a.accum_grad - 1
             with nullcontext() if last_micro or not env.distributed else self.ddp_model.no_sync():
                 with autocast(env.device, a.amp):
-                    logits = self.forward_model(corrupted, mask)  # the masked positions only
+                    logits = self.forward_model(corrupted, mask, pixels)  # the masked positions only
                 loss = self.maskgit.loss(logits, target, mask, a.label_smoothing) / a.accum_grad
                 loss.backward()
             step_loss += loss.detach()

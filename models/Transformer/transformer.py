@@ -5,6 +5,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+from utils.image import IMAGE_SIZE
 
 from .attention import Dropout, MultiHeadAttention
 
@@ -44,6 +47,17 @@ class EncoderLayer(nn.Module):
         return self.LayerNorm2(x + self.MLP(x))
 
 
+def known_pixel_patches(images: torch.Tensor, pixel_known: torch.Tensor, latent_resolution: int) -> torch.Tensor:
+    """What a position sees of its own patch: normalized images [B, 3, H, W] with every hole pixel zeroed, and
+    pixel_known (bool [B, 1, H, W] or [B, H, W], True = known) -> [B, latent_resolution**2, 4 * p * p] for p x p patches, in the
+    tokens' row-major order: the patch's RGB (channel-major) then its known-pixel mask. Hole pixels enter as exact
+    zeros whatever the image holds there, so no hole pixel can reach the transformer."""
+    known = pixel_known.to(images.dtype).view(len(images), 1, *images.shape[-2:])
+    patch = images.shape[-1] // latent_resolution
+    features = torch.cat([images * known, known], dim=1)  # [B, 4, H, W]
+    return F.unfold(features, kernel_size=patch, stride=patch).transpose(1, 2)
+
+
 class BidirectionalTransformer(nn.Module):
     """Predicts a distribution over codebook ids (plus the mask id) at every one of the image's token positions.
 
@@ -51,6 +65,13 @@ class BidirectionalTransformer(nn.Module):
     dropout (0.1) and attn_dropout (default: dropout), the dropout on the attention probabilities, which on the
     CPU costs more than the rest together ([B, heads, N, N] random draws). The output head is tied to the token
     embedding: logits = h @ tok_emb.weight^T + bias.
+
+    Optional pixel_conditioning (false) and image_size (IMAGE_SIZE): the lab's latent rule masks a token
+    whose patch is only partly covered by the hole, so the token alone never tells the transformer what its known
+    pixels show. With it every position also gets `pixel_emb` of its patch of the masked image
+    (known_pixel_patches: RGB with the hole zeroed, and the known-pixel mask) added to its token or [MASK]
+    embedding. pixel_emb is zero-initialised and registered last (the lab's layout stays a prefix of the
+    state_dict), so a checkpoint without it is exactly this model at its first step (with_pixel_conditioning).
     """
 
     def __init__(self, cfg: dict[str, Any]) -> None:
@@ -72,9 +93,39 @@ class BidirectionalTransformer(nn.Module):
         self.drop = Dropout(dropout)
         nn.init.trunc_normal_(self.pos_emb, 0.0, 0.02)
         self.apply(_init_weights)
+        # built after the lab's init, so that every other weight is drawn as without it
+        self.pixel_conditioning = bool(cfg.get("pixel_conditioning", False))
+        if self.pixel_conditioning:
+            self.latent_resolution = round(self.num_image_tokens ** 0.5)
+            patch = cfg.get("image_size", IMAGE_SIZE) // self.latent_resolution
+            self.pixel_emb = nn.Linear(4 * patch * patch, dim)
+            nn.init.zeros_(self.pixel_emb.weight)
+            nn.init.zeros_(self.pixel_emb.bias)
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def with_pixel_conditioning(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A state_dict saved without pixel conditioning, completed with this model's zero pixel_emb: the same
+        function, now able to learn from the known pixels (e.g. a trunk continued with conditioning)."""
+        if not self.pixel_conditioning or any(k.startswith("pixel_emb.") for k in state_dict):
+            return state_dict
+        return {**state_dict, **{f"pixel_emb.{k}": torch.zeros_like(v) for k, v in self.pixel_emb.state_dict().items()}}
+
+    def embed(self, tokens: torch.Tensor, pixels: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The input of the first layer: token + position (+ pixel_emb of the known pixels) embeddings, normalized."""
+        x = self.tok_emb(tokens) + self.pos_emb
+        if self.pixel_conditioning:
+            if pixels is None:
+                raise ValueError("this transformer has pixel_conditioning: pass pixels=(normalized images, "
+                                 "pixel_known)")
+            patches = known_pixel_patches(*pixels, self.latent_resolution)
+            x = x + self.pixel_emb(patches.to(self.pixel_emb.weight.dtype))
+        return self.drop(self.LN(x))
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None,
+                pixels: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """tokens: LongTensor [B, num_image_tokens], ids in [0, mask_token_id] -> logits [B, num_image_tokens, ids].
+
+        `pixels` (normalized images [B, 3, H, W], pixel_known bool [B, 1, H, W]) is required with pixel_conditioning
+        and ignored without it.
 
         With `mask` (bool [B, num_image_tokens]) only the logits of the masked positions, [M, ids] in the order of
         logits[mask]: the training loss needs no others, so everything after the last layer's attention heads (its
@@ -82,7 +133,7 @@ class BidirectionalTransformer(nn.Module):
         1025 ids, forward and backward) costs in proportion to the masked share, 2/pi on average under the cosine
         schedule and less inside holes; it runs on the masked rows padded to a multiple of MASKED_ROW_BUCKET.
         """
-        h = self.drop(self.LN(self.tok_emb(tokens) + self.pos_emb))
+        h = self.embed(tokens, pixels)
         device = tokens.device.type
         if torch.is_autocast_enabled(device):
             # keep the residual stream in the autocast dtype: on the CPU this spares a cast before every Linear

@@ -19,17 +19,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config  # noqa: E402
-from training.token_cache import load_token_cache  # noqa: E402
+from training.token_cache import image_dataset, load_token_cache  # noqa: E402
 from training.transformer import TokenData, validate  # noqa: E402
 from utils.cli import OneLineParser, UserError, run_cli  # noqa: E402
 from utils.precision import AMP_CHOICES, resolve_amp  # noqa: E402
 from utils.train_utils import DistEnv  # noqa: E402
 
 
-def train_subset(train: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """n train images, the same ones for a given seed."""
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    return train[order[:n]]
+def train_subset(count: int, n: int, seed: int) -> torch.Tensor:
+    """The indices of n of the `count` train images, the same ones for a given seed."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:n]
 
 
 def report(args: argparse.Namespace) -> None:
@@ -42,11 +41,17 @@ def report(args: argparse.Namespace) -> None:
                         f"images; use a run's full cache")
     env = DistEnv(0, 1, torch.device("cpu"))
     amp = resolve_amp(args.amp, env.device)
-    splits = {"val": cache.val, "train": train_subset(cache.train, n, args.seed)}
+    subset = train_subset(len(cache.train), n, args.seed)
+    splits = {"val": cache.val, "train": cache.train[subset]}
+    images = {"val": None, "train": None}
+    if maskgit.transformer.pixel_conditioning:  # it reads the known pixels too: the images the cache was made of
+        images = {"val": image_dataset(args.val_d_path, "val").images,
+                  "train": image_dataset(args.train_d_path, "train").images[subset.numpy()]}
     print(f"{args.transformer}: {n} val images against {n} of the {len(cache.train)} train images "
           f"(seed {args.seed}), same fixed masks, {amp}")
     print(f"{'masks':<12} {'val loss':>9} {'train loss':>10} {'gap':>8} {'val acc':>8} {'train acc':>9}")
-    data = {split: TokenData.for_validation(tokens, maskgit, env.device, holes=True) for split, tokens in splits.items()}
+    data = {split: TokenData.for_validation(tokens, maskgit, env.device, holes=True, images=images[split])
+            for split, tokens in splits.items()}
     for holes, name in ((False, "uniform"), (True, "whole holes")):
         (val_loss, val_acc), (train_loss, train_acc) = (
             validate(maskgit.transformer, data[split], args.batch_size, env, amp, holes=holes) for split in splits)
@@ -59,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--MaskGitConfig", default="configs/MaskGit_small_gan.yml")
     p.add_argument("--transformer", required=True, help="transformer weights (e.g. a cooldown's transformer.pt)")
     p.add_argument("--token-cache", required=True, help="a run's token_cache.pt (the tokens it trained on)")
+    p.add_argument("--train_d_path", default="./cat_face/train/", help="the train images (pixel conditioning only)")
+    p.add_argument("--val_d_path", default="./cat_face/val/", help="the val images (pixel conditioning only)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="which train images")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES)

@@ -4,6 +4,7 @@ import re
 
 import pytest
 import torch
+import yaml
 
 from benchmarks import generalization_gap
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config
@@ -59,3 +60,26 @@ def test_a_cache_with_fewer_train_than_val_images_is_one_line_and_exit_2(tiny, t
     err = one_line_error(generalization_gap.main, ["--MaskGitConfig", str(tiny.maskgit_config), "--transformer",
                                                    str(tiny.root / "transformer.pt"), "--token-cache", cache], capsys)
     assert "--token-cache" in err
+
+
+def test_a_transformer_with_pixel_conditioning_reads_the_images_beside_the_tokens(tiny, tmp_path, capsys):
+    config = yaml.safe_load(tiny.maskgit_config.read_text())
+    config["model_param"]["Transformer_param"]["pixel_conditioning"] = True
+    (tmp_path / "pixels.yml").write_text(yaml.safe_dump(config))
+    transformer = MaskGit(load_maskgit_config(tmp_path / "pixels.yml")).transformer
+    torch.nn.init.normal_(transformer.pixel_emb.weight, 0, 0.5)  # the pixels move the logits
+    torch.save(transformer.state_dict(), tmp_path / "transformer.pt")
+    face = (tiny.train_dir / "image_00000.png").read_bytes()
+    for split in ("train", "val"):  # one face six times on both sides, as its tokens are
+        (tmp_path / split).mkdir()
+        for i in range(6):
+            (tmp_path / split / f"image_{i:05d}.png").write_bytes(face)
+    tokens = random_tokens(1, seed=1).repeat(6, 1)
+    argv = ["--MaskGitConfig", str(tmp_path / "pixels.yml"), "--transformer", str(tmp_path / "transformer.pt"),
+            "--token-cache", write_cache(tmp_path / "c.pt", tokens, tokens), "--batch-size", "4", "--amp", "none",
+            "--train_d_path", str(tmp_path / "train"), "--val_d_path", str(tmp_path / "val")]
+    assert exit_code(generalization_gap.main, argv) == 0
+    gaps = re.findall(r"^(?:uniform|whole holes) +[\d.]+ +[\d.]+ +(-?[\d.]+) ", capsys.readouterr().out, re.M)
+    assert len(gaps) == 2 and all(abs(float(g)) < 1e-3 for g in gaps)
+    argv[argv.index("--val_d_path") + 1] = str(tmp_path / "missing")
+    assert "missing" in one_line_error(generalization_gap.main, argv, capsys)

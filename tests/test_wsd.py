@@ -8,13 +8,11 @@ import shutil
 
 import pytest
 import torch
-from tiny_maskgit import make_tiny_setup
+from tiny_maskgit import make_tiny_setup_with_cache
 
 import plot_long_run
 from benchmarks import compare_runs
 import training_transformer
-from models.VQGAN import load_vqgan
-from training.token_cache import ensure_token_cache
 from training.transformer import COMPACT_STATE_NAME, compact_state, expand_compact_state
 from utils.checkpoint import load_training_state, load_weights
 from utils.train_utils import warmup_stable_decay
@@ -24,11 +22,7 @@ LR = 1e-3
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    setup = make_tiny_setup(tmp_path_factory.mktemp("tiny"))
-    setup.cache = setup.root / "tokens.pt"
-    ensure_token_cache(load_vqgan(setup.vq_config, setup.vq_ckpt), setup.vq_ckpt, setup.train_dir, setup.train_dir,
-                       setup.cache, torch.device("cpu"), precision="fp32", verbose=False)
-    return setup
+    return make_tiny_setup_with_cache(tmp_path_factory.mktemp("tiny"))
 
 
 def run(tiny, out, *extra):

@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from models.Transformer import BidirectionalTransformer
-from models.VQGAN import VQGAN
+from models.VQGAN import VQGAN, load_vqgan
+from training.token_cache import ensure_token_cache
 from utils.data import write_gt_csv
 from utils.image import save_png
 
@@ -60,6 +61,15 @@ def make_tiny_setup(root: Path, n_train: int = 8, n_val: int = 4, seed: int = 0)
     write_images(root / "train", n_train, seed)
     write_images(root / "val", n_val, seed + 1)
     return TinySetup(root, vq_config, vq_ckpt, maskgit_config, root / "train", root / "val")
+
+
+def make_tiny_setup_with_cache(root: Path) -> TinySetup:
+    """A tiny setup and `.cache`, the fp32 token cache of its train images (validating on them too)."""
+    setup = make_tiny_setup(root)
+    setup.cache = setup.root / "tokens.pt"
+    ensure_token_cache(load_vqgan(setup.vq_config, setup.vq_ckpt), setup.vq_ckpt, setup.train_dir, setup.train_dir,
+                       setup.cache, torch.device("cpu"), precision="fp32", verbose=False)
+    return setup
 
 
 def exit_code(main: Callable[[list[str]], int], argv: list[str]) -> int:

@@ -36,6 +36,7 @@ from training.campaign_files import (HOLE_SETS, RESULTS_RESERVE, RETURN_FILE_BYT
                                      WEIGHTS_PREFIX, Results, fill_bytes_bound, fp16_weights, hole_set, pair_state,
                                      save_fill)
 from training.time_budget import Budget, BudgetSchedule, LossLog
+from training.augment import DEFAULT_AUGMENT
 from training.train_masks import DEFAULT_HOLE_MASK_PROB, DEFAULT_TRAIN_MASKS
 from training.transformer import TokenData, TransformerTrainer
 from training.transformer import validate as token_validate
@@ -123,9 +124,11 @@ class FacesAndHoles:
 class Tokenized:
     """The tokenize phase's product: the token ids of train, its mirror images and val, and the MaskGit built on the
     trained VQGAN, whose transformer the transformer phase trains and leaves holding the returned fp16 weights,
-    which the inpainting decodes with."""
+    which the inpainting decodes with; for a transformer with pixel conditioning also the uint8 train and val
+    images, which it trains on."""
     maskgit: MaskGit
     tokens: dict[str, torch.Tensor]
+    images: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def run_campaign(s: Settings, results: Results, interrupt: GracefulInterrupt) -> bool:
@@ -222,7 +225,8 @@ def tokenize(rec: dict[str, Any], s: Settings, data: FacesAndHoles) -> Tokenized
     used = torch.unique(torch.cat(list(tokens.values())))
     rec.update(images=count, images_per_s=count / (time.perf_counter() - start),
                codes_used=len(used) / maskgit.vqgan.num_codebook_vectors)
-    return Tokenized(maskgit, tokens)
+    images = (faces.train, faces.val) if maskgit.transformer.pixel_conditioning else None
+    return Tokenized(maskgit, tokens, images)
 
 
 def train_transformer(rec: dict[str, Any], s: Settings, tokenized: Tokenized, interrupt: GracefulInterrupt
@@ -232,7 +236,7 @@ def train_transformer(rec: dict[str, Any], s: Settings, tokenized: Tokenized, in
     of the fp16 EMA weights that are returned and decode from here on."""
     maskgit, tokens, recipe = tokenized.maskgit, tokenized.tokens, s.recipe
     data = TokenData.from_tokens(tokens["train"], tokens["train_flip"], tokens["val"], maskgit, partial=1.0,
-                                 seed=s.seed, device=s.device)
+                                 seed=s.seed, device=s.device, images=tokenized.images)
     bs = min(recipe.transformer_batch, len(data.train))
     args = transformer_flags(s, bs)
     env = DistEnv(0, 1, s.device)
@@ -335,7 +339,7 @@ def transformer_flags(s: Settings, batch_size: int) -> argparse.Namespace:
                               ema_decay=r["ema_decay"], amp=s.amp, compile=s.compile, seed=s.seed, max_steps=0,
                               ckpt_interval=0, save_per_epoch=1, train_masks=DEFAULT_TRAIN_MASKS,
                               hole_mask_prob=DEFAULT_HOLE_MASK_PROB, schedule="cosine", cooldown_steps=0,
-                              max_minutes=0)
+                              max_minutes=0, augment=DEFAULT_AUGMENT)
 
 
 def chosen_decoding(config_path: str | Path, total_iter: int) -> dict[str, Any]:

@@ -48,7 +48,7 @@ from models.Transformer import BidirectionalTransformer
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config
 from training.token_cache import ensure_token_cache, image_dataset
 from training.transformer import (LOG_FIELDS, TokenData, TransformerTrainer, check_resume, fill_defaults,
-                                  training_parser)
+                                  training_parser, trains_on_images)
 from utils.checkpoint import ensure_writable_dir, load_state_dict_strict, load_training_state, load_weights
 from utils.cli import UserError, run_cli
 from utils.config import resolve_path
@@ -151,7 +151,7 @@ def _train(args: argparse.Namespace, env: DistEnv) -> tuple[BidirectionalTransfo
         maskgit.vqgan.to(env.device)
     else:
         maskgit.vqgan.cpu()  # never used again in this run
-    images = training_images(args) if maskgit.transformer.pixel_conditioning or args.augment == "shift" else None
+    images = training_images(args) if trains_on_images(maskgit.transformer, args.augment) else None
     data = TokenData.from_cache(cache_path, maskgit, args.partial, args.seed, env.device, images)
 
     cooldown_start = state.get("cooldown_start", state["step"]) if args.cooldown_steps else None

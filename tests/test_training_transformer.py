@@ -61,10 +61,6 @@ def with_prob(masks, p):
     return other
 
 
-def latent(pixel_holes):
-    return ~latent_known_mask(~pixel_holes, 16)
-
-
 def draw(masks, target, seed):
     """(mask, the latent holes drawn for it) of one call under torch seed `seed`; its pixel_known is checked: the
     drawn hole's pixels for a hole sample, else the patches of the tokens left known."""
@@ -82,7 +78,7 @@ def draw(masks, target, seed):
         assert not (mask & latent_known_mask(pixel_known, 16)).any()  # a masked token never has all its pixels
     else:
         assert torch.equal(pixel_known, uniform)
-    return mask, latent(drawn[0]) if drawn else None
+    return mask, latent_holes(drawn[0], 16) if drawn else None
 
 
 def is_box(holes):
@@ -300,7 +296,7 @@ def test_hole_samples_mask_part_of_their_hole_and_at_least_one_token(maskgit, mi
     share = mask.sum(1) / size
     assert (share == 1).sum() > 8 and (share < 0.5).sum() > 40  # the whole hole (step 0) and later steps
     # the holes are bank entries, flipped or transposed; stroke and box 50/50
-    latent_bank = latent(mix_masks.bank)
+    latent_bank = latent_holes(mix_masks.bank, 16)
     bank = latent_bank.view(-1, 16, 16)
     variants = torch.cat([b.flatten(1) for t in (bank, bank.transpose(1, 2))
                           for b in (t, t.flip(1), t.flip(2), t.flip(1).flip(2))])

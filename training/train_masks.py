@@ -32,10 +32,10 @@ BANK_SIZE = {"stroke": 256, "box": 2048}
 HOLE_BANK_SEED = 20240  # with --seed, the entropy of the training holes: none of them is a val or test hole
 
 
-def latent_holes(pixel_holes: np.ndarray, latent_resolution: int) -> torch.Tensor:
+def latent_holes(pixel_holes: np.ndarray | torch.Tensor, latent_resolution: int) -> torch.Tensor:
     """Pixel holes bool [M, H, W] (True = hole) -> their unknown tokens bool [M, latent_resolution**2]: every token
     with a hole pixel."""
-    return ~latent_known_mask(torch.from_numpy(~pixel_holes), latent_resolution)
+    return ~latent_known_mask(~torch.as_tensor(pixel_holes), latent_resolution)
 
 
 def hole_bank(kind: str, seed: int) -> torch.Tensor:
@@ -87,7 +87,7 @@ class TrainingMasks:
         use = torch.rand(b, device=device) < self.hole_prob if self.mode == "mix" else \
             torch.ones(b, dtype=torch.bool, device=device)
         pixel_holes = self.holes(b, device)
-        holes = ~latent_known_mask(~pixel_holes, self.maskgit.latent_resolution)
+        holes = latent_holes(pixel_holes, self.maskgit.latent_resolution)
         use &= holes.any(dim=1)
         hole_mask = self.maskgit.mask_tokens(target, region=holes)[1]
         mask = torch.where(use[:, None], hole_mask, mask)

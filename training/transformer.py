@@ -249,6 +249,11 @@ class TokenData:
                    val_hole_known=hole_known)
 
 
+def trains_on_images(transformer: BidirectionalTransformer, augment: str) -> bool:
+    """Whether training reads the images beside the tokens: for pixel conditioning, or to jitter them."""
+    return transformer.pixel_conditioning or augment == "shift"
+
+
 def normalized(images: torch.Tensor, split: str) -> torch.Tensor:
     """uint8 images [B, 3, H, W] -> float, in the lab's normalized space of `split` (utils.image)."""
     return normalize(images.float().div_(255), split)
@@ -381,7 +386,7 @@ class TransformerTrainer:
         self.ema = EMA(self.model, args.ema_decay)
         self.progress = Progress(args.start_from_epoch)
         self.masks = TrainingMasks(maskgit, args.train_masks, args.hole_mask_prob, args.seed, env.device)
-        if (self.model.pixel_conditioning or args.augment == "shift") and data.train_images is None:
+        if trains_on_images(self.model, args.augment) and data.train_images is None:
             raise UserError("pixel conditioning and --augment shift train on images: load the data with them "
                             "(TokenData.from_cache(..., images=...))")
 
@@ -436,16 +441,13 @@ class TransformerTrainer:
         pixel_emb parameters, which configure_optimizers appends to the end of each group (registered last), start
         without AdamW state, as in a new run."""
         saved = state["optimizer"]
-        moments = {}
-        groups = self.optimizer.state_dict()["param_groups"]
-        for group, saved_group in zip(groups, saved["param_groups"]):
-            for old, new in zip(saved_group["params"], group["params"]):
-                if old in saved["state"]:
-                    moments[new] = saved["state"][old]
+        pairs = list(zip(self.optimizer.state_dict()["param_groups"], saved["param_groups"]))
+        moments = {new: saved["state"][old] for group, saved_group in pairs
+                   for old, new in zip(saved_group["params"], group["params"]) if old in saved["state"]}
+        groups = [{**saved_group, "params": group["params"]} for group, saved_group in pairs]
         ema = {**state["ema"], "module": self.model.with_pixel_conditioning(state["ema"]["module"])}
         return {**state, "model": self.model.with_pixel_conditioning(state["model"]), "ema": ema,
-                "optimizer": {"state": moments, "param_groups": [{**saved_group, "params": group["params"]}
-                                                                 for group, saved_group in zip(groups, saved["param_groups"])]}}
+                "optimizer": {"state": moments, "param_groups": groups}}
 
     def save_state(self) -> None:
         """training_state.pt: everything --resume needs, every rank's RNG included (a collective call)."""

@@ -1,6 +1,7 @@
 """MaskGIT's bidirectional transformer in the lab's exact parameter layout (lab checkpoints load strictly)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -49,9 +50,9 @@ class EncoderLayer(nn.Module):
 
 def known_pixel_patches(images: torch.Tensor, pixel_known: torch.Tensor, latent_resolution: int) -> torch.Tensor:
     """What a position sees of its own patch: normalized images [B, 3, H, W] with every hole pixel zeroed, and
-    pixel_known (bool [B, 1, H, W] or [B, H, W], True = known) -> [B, latent_resolution**2, 4 * p * p] for p x p patches, in the
-    tokens' row-major order: the patch's RGB (channel-major) then its known-pixel mask. Hole pixels enter as exact
-    zeros whatever the image holds there, so no hole pixel can reach the transformer."""
+    pixel_known (bool [B, 1, H, W] or [B, H, W], True = known) -> [B, latent_resolution**2, 4 * p * p] for p x p
+    patches, in the tokens' row-major order: the patch's RGB (channel-major) then its known-pixel mask. Hole pixels
+    enter as exact zeros whatever the image holds there, so no hole pixel can reach the transformer."""
     known = pixel_known.to(images.dtype).view(len(images), 1, *images.shape[-2:])
     patch = images.shape[-1] // latent_resolution
     features = torch.cat([images * known, known], dim=1)  # [B, 4, H, W]
@@ -96,7 +97,7 @@ class BidirectionalTransformer(nn.Module):
         # built after the lab's init, so that every other weight is drawn as without it
         self.pixel_conditioning = bool(cfg.get("pixel_conditioning", False))
         if self.pixel_conditioning:
-            self.latent_resolution = round(self.num_image_tokens ** 0.5)
+            self.latent_resolution = math.isqrt(self.num_image_tokens)
             patch = cfg.get("image_size", IMAGE_SIZE) // self.latent_resolution
             self.pixel_emb = nn.Linear(4 * patch * patch, dim)
             nn.init.zeros_(self.pixel_emb.weight)

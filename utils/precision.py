@@ -3,8 +3,10 @@
 On a CPU with AMX or AVX512-BF16 a bf16 matmul runs several times faster than fp32, and 3x3 convolutions in
 channels_last 1.5-3x faster than in the default layout. On an AVX2-only CPU (this project's AMD EPYC) oneDNN has
 no bf16 kernels: a bf16 matmul is emulated at 1.1 GFLOP/s against 86 in fp32 (80x slower), and channels_last
-gains nothing (fp32 3x3 convs at 16-128 channels: 45-100 GFLOP/s in either layout). So every script's default
-precision is 'auto', decided here once.
+gains nothing (fp32 3x3 convs at 16-128 channels: 45-100 GFLOP/s in either layout). On an AVX-512 CPU without
+bf16 units (a Xeon whose VM hides AMX and AVX512-BF16) oneDNN still says it supports bf16, but emulates it: the
+long run's step took 3.1 s in bf16 against 0.86 s in fp32 there. So every script's default precision is 'auto',
+decided here once, from the CPU's own flags where it lists them.
 """
 from __future__ import annotations
 
@@ -22,7 +24,15 @@ AMP_CHOICES = ["auto", "bf16", "none"]
 def _bf16_is_fast(device_type: str) -> bool:
     if device_type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device_type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return device_type == "cpu" and cpu_has_bf16_units(cpu_flags(), torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def cpu_has_bf16_units(flags: set[str] | None, onednn_bf16: bool) -> bool:
+    """Whether bf16 matmuls run on bf16 units: an x86 CPU needs AMX or AVX512-BF16 in its flags (oneDNN also claims
+    bf16 on plain AVX-512, which it emulates); elsewhere (no x86 flags, e.g. ARM) oneDNN's own answer."""
+    if flags is None:
+        return onednn_bf16
+    return onednn_bf16 and bool(flags & BF16_UNITS)
 
 
 def bf16_is_fast(device: torch.device | str) -> bool:
@@ -56,7 +66,20 @@ def conv_memory_format(device: torch.device | str) -> torch.memory_format:
 # /proc/cpuinfo flags, widest first: the units a CPU's matmuls run on, which decide both the precision and what a
 # speed figure can be compared with (a VM's model name may not say: our Xeon is "Intel(R) Xeon(R) Processor")
 CPU_MATMUL_UNITS = (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX512"), ("avx2", "AVX2"))
+BF16_UNITS = {"amx_bf16", "avx512_bf16"}
 CPUINFO = Path("/proc/cpuinfo")
+
+
+def _cpuinfo_fields() -> list[list[str]]:
+    try:
+        return [line.split(":", 1) for line in CPUINFO.read_text().splitlines() if ":" in line]
+    except OSError:
+        return []
+
+
+def cpu_flags() -> set[str] | None:
+    """The first CPU's x86 feature flags from /proc/cpuinfo (None where there are none: not x86, or no cpuinfo)."""
+    return next((set(value.split()) for key, value in _cpuinfo_fields() if key.strip() == "flags"), None)
 
 
 def device_name(device: torch.device | str) -> str:
@@ -65,12 +88,8 @@ def device_name(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        fields = [line.split(":", 1) for line in CPUINFO.read_text().splitlines() if ":" in line]
-    except OSError:
-        fields = []
-    names = [value.strip() for key, value in fields if key.strip() == "model name"]
-    flags = next((set(value.split()) for key, value in fields if key.strip() == "flags"), set())
+    names = [value.strip() for key, value in _cpuinfo_fields() if key.strip() == "model name"]
+    flags = cpu_flags() or set()
     units = next((label for flag, label in CPU_MATMUL_UNITS if flag in flags), None)
     name = names[0] if names else platform.processor() or "unknown CPU"
     return f"{name} ({units})" if units else name

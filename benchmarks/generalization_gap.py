@@ -12,6 +12,7 @@ gap near zero means it underfits: a larger shape or more compute would move it f
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from training.token_cache import image_dataset, load_token_cache  # noqa: E402
 from training.transformer import TokenData, validate  # noqa: E402
 from utils.cli import OneLineParser, UserError, run_cli  # noqa: E402
 from utils.precision import AMP_CHOICES, resolve_amp  # noqa: E402
-from utils.train_utils import DistEnv  # noqa: E402
+from utils.train_utils import DistEnv, atomic_write_text  # noqa: E402
 
 
 def train_subset(count: int, n: int, seed: int) -> torch.Tensor:
@@ -52,11 +53,16 @@ def report(args: argparse.Namespace) -> None:
     print(f"{'masks':<12} {'val loss':>9} {'train loss':>10} {'gap':>8} {'val acc':>8} {'train acc':>9}")
     data = {split: TokenData.for_validation(tokens, maskgit, env.device, holes=True, images=images[split])
             for split, tokens in splits.items()}
+    results = {}
     for holes, name in ((False, "uniform"), (True, "whole holes")):
         (val_loss, val_acc), (train_loss, train_acc) = (
             validate(maskgit.transformer, data[split], args.batch_size, env, amp, holes=holes) for split in splits)
         print(f"{name:<12} {val_loss:>9.4f} {train_loss:>10.4f} {val_loss - train_loss:>8.4f} "
               f"{val_acc:>8.2%} {train_acc:>9.2%}")
+        results[name] = {"val_loss": val_loss, "train_loss": train_loss, "gap": val_loss - train_loss,
+                         "val_acc": val_acc, "train_acc": train_acc}
+    if args.json:
+        atomic_write_text(json.dumps(results, indent=1) + "\n", args.json)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="which train images")
     p.add_argument("--amp", default="auto", choices=AMP_CHOICES)
+    p.add_argument("--json", default=None, help="also write the figures to this JSON file (long_run.py reads it)")
     p.add_argument("--debug", action="store_true")
     args = p.parse_args(argv)
     if args.batch_size < 1:

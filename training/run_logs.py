@@ -29,6 +29,15 @@ class RunFolder:
                  for r in rows("train_steps.csv")]
         return cls(folder.name, rows("log.csv"), steps, rows("sittings.csv"))
 
+    @staticmethod
+    def read_steps(folder: Path) -> list[tuple[int, float]]:
+        """(step, wall seconds) of every step in a folder's train_steps.csv (none before its first step)."""
+        path = folder / "train_steps.csv"
+        if not path.is_file():
+            return []
+        with open(path, newline="") as f:
+            return [(int(r["step"]), float(r["seconds"])) for r in csv.DictReader(f)]
+
     def cpu_hours_at(self, offset: float = 0.0) -> dict[int, float]:
         """Cumulative CPU-hours at the end of each step, from `offset` at the first."""
         out, total = {}, offset

@@ -1,0 +1,282 @@
+"""The long stage-2 run, one command per sitting: continue the trunk, branch a cooldown, evaluate it, report.
+
+    python long_run.py sitting ~/runs/pixels --minutes 100 --cooldown-minutes 15
+
+A sitting runs four phases, each in a process of its own with a budget (training_transformer.py, experiments.py,
+benchmarks/generalization_gap.py: the commands of docs/LONG_RUN.md):
+  1. trunk     continues the --schedule wsd trunk in RUN/trunk for --minutes: exactly from its last state, or, in a
+               new folder (a fresh machine), from the committed compact state in --from; then writes the trunk's
+               compact state and logs back into --from, the folder to commit.
+  2. cooldown  branches RUN/cooldown_STEP from the trunk, sized to --cooldown-minutes by the step time just
+               measured (the rate falls to 0 at its last step).
+  3. evaluate  the cooldown's val loss and val_hole_loss (its log), the train/val gap, and FID on the first third of
+               val (258 images) for box and stroke holes with the demo decoding at pixel guidance 10 and 0; the
+               shipped transformer the same way, once per run folder.
+  4. report    appends a row to --from/cooldowns.csv, redraws --figure, says whether the cooldown beats the
+               shipped transformer and what to run next.
+The whole command ends within --minutes + --cooldown-minutes + --eval-minutes, plus at most 2 minutes per phase to
+save after its deadline. Ctrl-C or SIGTERM in any phase saves what that phase has (training states, measured
+rows) and exits 130; the next call with the same RUN continues that sitting where it stopped, and a call after a
+finished sitting starts the next one. Exit codes as every script's (utils/cli.py).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from training.long_run import (DEMO_DECODING, GUIDANCES, HOLE_KINDS, LOGS, RECIPE, VAL_SUBSET, Phases, RunLayout,
+                               append_cooldown, cooldown_hours, cooldown_steps_for, copy_atomically, fid_rows,
+                               gap_advice, last_step, plot_run, read_cooldowns, seconds_per_step, verdict)
+from training.run_logs import RunFolder
+from training.transformer import COMPACT_STATE_NAME
+from utils.checkpoint import ensure_writable_dir
+from utils.cli import EXIT_INTERRUPTED, OneLineParser, TrainingStopped, UserError, run_cli
+
+REPO = Path(__file__).resolve().parent
+PYTHON = sys.executable
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    s = sub.add_parser("sitting", help="one sitting: trunk, cooldown, evaluation, report")
+    s.add_argument("run", type=Path, help="the run folder on this machine (outside the repository, e.g. ~/runs/NAME)")
+    s.add_argument("--minutes", type=float, default=100.0, help="the trunk's budget (0: branch from the trunk as is)")
+    s.add_argument("--cooldown-minutes", type=float, default=15.0, help="the cooldown's budget, which sizes it")
+    s.add_argument("--eval-minutes", type=float, default=25.0,
+                   help="the evaluation's budget (the first sitting of a run folder also measures the shipped "
+                        "transformer: about twice the time)")
+    s.add_argument("--from", dest="committed", type=Path, default=Path("pretrained/long_run/trunk_pixels"),
+                   help="the committed folder: the trunk's compact state and logs, continued in a new run folder "
+                        "and written back after the trunk phase; cooldowns.csv")
+    s.add_argument("--config", default="configs/studies/small_gan_pixels.yml", help="the trunk's MaskGit config")
+    s.add_argument("--shipped-config", default="configs/MaskGit_demo.yml",
+                   help="the shipped pair's config, whose transformer a cooldown is compared with")
+    s.add_argument("--shipped-transformer", default=None, help="its transformer weights (default: the config's)")
+    s.add_argument("--figure", type=Path, default=Path("docs/long_run.png"), help="the run's curves, redrawn")
+    s.add_argument("--augment", choices=["flip", "shift"], default=None,
+                   help="the trunk's augmentation from this sitting on (default: as it was)")
+    s.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto", help="training precision")
+    s.add_argument("--train_d_path", default="./cat_face/train/")
+    s.add_argument("--val_d_path", default="./cat_face/val/")
+    s.add_argument("--batch-size", type=int, default=None, help="default: the config's recipe")
+    s.add_argument("--trunk-steps", type=int, default=0, help="also stop the trunk after this many steps (0: time only)")
+    s.add_argument("--cooldown-steps", type=int, default=0, help="a cooldown of this many steps (0: sized by time)")
+    s.add_argument("--fid-dims", type=int, choices=[64, 192, 768, 2048], default=2048, help="Inception features")
+    s.add_argument("--fid-partial", type=float, default=VAL_SUBSET, help="the share of val images scored")
+    s.add_argument("--debug", action="store_true", help="show tracebacks")
+    args = p.parse_args(argv)
+    for flag in ("minutes", "cooldown_minutes", "eval_minutes", "trunk_steps", "cooldown_steps"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must not be negative")
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    return args
+
+
+def training_command(args: argparse.Namespace, folder: Path, *extra: object) -> list[str]:
+    command = [PYTHON, str(REPO / "training_transformer.py"), "--MaskGitConfig", args.config, "--checkpoint-path",
+               str(folder), "--train_d_path", args.train_d_path, "--val_d_path", args.val_d_path, "--amp", args.amp,
+               *RECIPE]
+    if args.batch_size:
+        command += ["--batch-size", str(args.batch_size)]
+    return command + [str(e) for e in extra]
+
+
+def check_phase(name: str, code: int, out_of_time: bool, phases: Phases) -> None:
+    """A phase's exit code -> go on (0, or stopped by its deadline) or stop the sitting, as the phase did."""
+    if phases.interrupted:
+        raise TrainingStopped(f"interrupted in the {name} phase: what it had is saved; run the same command again "
+                              f"to continue this sitting", EXIT_INTERRUPTED)
+    if code != 0 and not out_of_time:
+        raise TrainingStopped(f"the {name} phase failed (exit code {code}, its message above)", code)
+
+
+def start_trunk(args: argparse.Namespace, layout: RunLayout) -> list[str]:
+    """The flags that continue the trunk: its own state in the run folder, or the committed compact state (a new
+    folder, or the committed trunk went further on another machine), whose logs it then appends to."""
+    own = layout.trunk / "training_state.pt"
+    if own.is_file() and last_step(layout.trunk) >= last_step(args.committed):
+        return ["--resume-from", str(own)]
+    compact = args.committed / COMPACT_STATE_NAME
+    if not compact.is_file():
+        raise UserError(f"--from {args.committed}: no {COMPACT_STATE_NAME} to continue; pass the committed folder of "
+                        f"a --schedule wsd trunk (e.g. pretrained/long_run/trunk_pixels)")
+    ensure_writable_dir(layout.trunk, "RUN")
+    for name in LOGS:
+        if (args.committed / name).is_file():
+            copy_atomically(args.committed / name, layout.trunk / name)
+    return ["--resume-from", str(compact)]
+
+
+def trunk_phase(args: argparse.Namespace, layout: RunLayout, phases: Phases, deadline: float) -> dict:
+    """Continue the trunk until its budget, write its compact state and logs into --from; returns the cooldown to
+    branch."""
+    resume = start_trunk(args, layout)
+    first = last_step(layout.trunk)
+    minutes = (deadline - time.monotonic()) / 60.0 - 0.5
+    if minutes > 0.1 or args.trunk_steps:
+        extra = [*resume, "--max-minutes", f"{max(minutes, 0.1):.2f}"]
+        if args.trunk_steps:
+            extra += ["--max-steps", first + args.trunk_steps]
+        if args.augment:
+            extra += ["--augment", args.augment]
+        code, out_of_time = phases.run(training_command(args, layout.trunk, *extra), deadline)
+        write_back_trunk(args, layout)
+        check_phase("trunk", code, out_of_time, phases)
+    branch = last_step(layout.trunk)
+    if args.cooldown_steps:
+        steps = args.cooldown_steps
+    else:
+        sittings = RunFolder.read(layout.trunk).sittings
+        step_seconds = seconds_per_step(layout.trunk, int(sittings[-1]["first_step"]) if sittings else 0)
+        steps = cooldown_steps_for(args.cooldown_minutes, step_seconds)
+        print(f"trunk at step {branch}: {step_seconds:.3f} s per step -> a cooldown of {steps} steps", flush=True)
+    return {"phase": "cooldown", "cooldown": f"cooldown_{branch}", "branch": branch, "steps": steps}
+
+
+def write_back_trunk(args: argparse.Namespace, layout: RunLayout) -> None:
+    """The trunk's compact state and logs into the committed folder, each file replaced atomically."""
+    for name in (COMPACT_STATE_NAME, *LOGS):
+        if (layout.trunk / name).is_file():
+            copy_atomically(layout.trunk / name, args.committed / name)
+    print(f"trunk state (step {last_step(layout.trunk)}) and logs written to {args.committed}: commit them", flush=True)
+
+
+def cooldown_phase(args: argparse.Namespace, layout: RunLayout, phases: Phases, sitting: dict,
+                   deadline: float) -> bool:
+    """Train (or finish) the sitting's cooldown branch; False if its budget ran out first (continued next call)."""
+    folder = layout.root / sitting["cooldown"]
+    if cooldown_finished(folder):
+        return True
+    resume = ["--resume"] if (folder / "training_state.pt").is_file() else \
+        ["--resume-from", layout.trunk / "training_state.pt"]
+    minutes = (deadline - time.monotonic()) / 60.0
+    code, out_of_time = phases.run(training_command(
+        args, folder, *resume, "--cooldown-steps", sitting["steps"], "--token-cache", layout.trunk / "token_cache.pt",
+        "--max-minutes", f"{max(minutes, 0.1):.2f}"), deadline)
+    check_phase("cooldown", code, out_of_time, phases)
+    finished = cooldown_finished(folder)
+    if not finished:
+        print(f"the cooldown did not finish in --cooldown-minutes {args.cooldown_minutes:g}: its state is saved; run "
+              f"the same command again to finish it", flush=True)
+    return finished
+
+
+def cooldown_finished(folder: Path) -> bool:
+    return (folder / "sittings.csv").is_file() and RunFolder.read(folder).cooldown_end() is not None
+
+
+def shipped_name(args: argparse.Namespace) -> str:
+    """The folder of the shipped transformer's FIDs, named by what it is, so that a new shipped pair is measured."""
+    key = Path(args.shipped_config).read_bytes() + str(args.shipped_transformer).encode()
+    return "shipped_" + hashlib.sha1(key).hexdigest()[:8]
+
+
+def fid_command(args: argparse.Namespace, layout: RunLayout, model: str, holes: str) -> list[str]:
+    if model.startswith("shipped_"):
+        weights = ["--MaskGitConfig", args.shipped_config] + (
+            ["--load-transformer-ckpt-path", args.shipped_transformer] if args.shipped_transformer else [])
+    else:
+        weights = ["--MaskGitConfig", args.config, "--load-transformer-ckpt-path",
+                   str(layout.root / model / "transformer_last.pt")]
+    return [PYTHON, str(REPO / "experiments.py"), "--split", "val", "--val_d_path", args.val_d_path, "--partial",
+            str(args.fid_partial), "--figure-images", "0", "--references", *weights, "--holes", holes,
+            "--output-dir", str(layout.fid_folder(model, holes)), "--pixel-guidances", *GUIDANCES, *DEMO_DECODING,
+            "--dims", str(args.fid_dims), "--resume"]
+
+
+def evaluate_phase(args: argparse.Namespace, layout: RunLayout, phases: Phases, sitting: dict,
+                   deadline: float) -> bool:
+    """Every measurement the report needs that is not measured yet; False if the budget ran out first."""
+    name = sitting["cooldown"]
+    folder = layout.root / name
+    gap_file = folder / "gap.json"
+    work = [fid_command(args, layout, name, holes) for holes in HOLE_KINDS
+            if len(fid_rows(layout.fid_folder(name, holes))) < len(GUIDANCES)]
+    if not gap_file.is_file():
+        work.append([PYTHON, str(REPO / "benchmarks" / "generalization_gap.py"), "--MaskGitConfig", args.config,
+                     "--transformer", str(folder / "transformer_last.pt"), "--token-cache",
+                     str(layout.trunk / "token_cache.pt"), "--train_d_path", args.train_d_path, "--val_d_path",
+                     args.val_d_path, "--json", str(gap_file)])
+    shipped = shipped_name(args)
+    work += [fid_command(args, layout, shipped, holes) for holes in HOLE_KINDS
+             if len(fid_rows(layout.fid_folder(shipped, holes))) < len(GUIDANCES)]
+    for command in work:
+        code, out_of_time = phases.run(command, deadline)
+        check_phase("evaluate", code, out_of_time, phases)
+        if out_of_time:
+            print(f"--eval-minutes {args.eval_minutes:g} spent before the evaluation ended: what it measured is "
+                  f"kept; run the same command again to finish it", flush=True)
+            return False
+    return True
+
+
+def report_phase(args: argparse.Namespace, layout: RunLayout, sitting: dict, argv: list[str]) -> None:
+    """The cooldown's row in --from/cooldowns.csv, the redrawn figure, the verdict and the next command."""
+    name = sitting["cooldown"]
+    trunk, branch = RunFolder.read(layout.trunk), RunFolder.read(layout.root / name)
+    end = branch.cooldown_end()
+    gap = json.loads((layout.root / name / "gap.json").read_text())
+    row = {"cooldown": name, "branch_step": sitting["branch"], "steps": sitting["steps"],
+           "cpu_hours": f"{cooldown_hours(trunk, branch):.3f}", "val_loss": f"{float(end['val_loss']):.4f}",
+           "val_hole_loss": f"{float(end['val_hole_loss']):.4f}", "gap": f"{gap['uniform']['gap']:.4f}",
+           "gap_holes": f"{gap['whole holes']['gap']:.4f}", "machine": branch.sittings[-1]["machine"],
+           "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())}
+    for model, prefix in ((name, "fid"), (shipped_name(args), "shipped")):
+        for holes in HOLE_KINDS:
+            fids = fid_rows(layout.fid_folder(model, holes))
+            row.update({f"{prefix}_{holes}_g{g}": f"{fids[g]:.2f}" for g in GUIDANCES})
+    table = args.committed / "cooldowns.csv"
+    append_cooldown(table, row)
+    rows = read_cooldowns(table)
+    plot_run(trunk, rows, args.figure)
+    print(f"\n{name}: {row['steps']} steps from trunk step {row['branch_step']}, {row['cpu_hours']} CPU-hours: "
+          f"val loss {row['val_loss']}, val_hole_loss {row['val_hole_loss']}, train/val gap {row['gap']} "
+          f"(whole holes {row['gap_holes']}); row added to {table}, {args.figure} redrawn")
+    beats, lines = verdict(row)
+    print(f"FID on the first {args.fid_partial:g} of val, demo decoding:\n" + "\n".join(lines))
+    if beats:
+        print("it beats the shipped transformer on both hole types: a candidate. Ship it only after the ship test on "
+              "all 781 val images (docs/LONG_RUN.md, \"Ship it\")")
+    else:
+        print("it does not beat the shipped transformer on both hole types yet: the trunk trains on")
+    advice = gap_advice(rows)
+    if advice:
+        print(advice)
+    print("next sitting: python long_run.py " + " ".join(shlex.quote(a) for a in argv))
+
+
+def run_sitting(args: argparse.Namespace, argv: list[str]) -> None:
+    layout = RunLayout(args.run)
+    ensure_writable_dir(args.run, "RUN")
+    sitting = layout.read_sitting()
+    started = time.monotonic()
+    with Phases() as phases:
+        if sitting["phase"] == "done":
+            sitting = trunk_phase(args, layout, phases, started + 60.0 * args.minutes)
+            layout.write_sitting(sitting)
+        if sitting["phase"] == "cooldown":
+            if not cooldown_phase(args, layout, phases, sitting, time.monotonic() + 60.0 * args.cooldown_minutes):
+                return
+            sitting = {**sitting, "phase": "evaluate"}
+            layout.write_sitting(sitting)
+        if not evaluate_phase(args, layout, phases, sitting, time.monotonic() + 60.0 * args.eval_minutes):
+            return
+    report_phase(args, layout, sitting, argv)
+    layout.write_sitting({**sitting, "phase": "done"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    return run_cli(lambda: run_sitting(args, argv), debug=args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""long_run.py sitting on a tiny setup: a whole sitting from a committed trunk, a second one stopped by its
+evaluation budget and continued by the next call, the trunk exact across them, and its one-line errors."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_maskgit import REPO, make_tiny_setup, one_line_error, random_transformer_checkpoint
+
+import long_run
+import training_transformer
+from utils.checkpoint import load_weights
+
+TRUNK_STEPS, COOLDOWN_STEPS = 4, 2
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def train_flags(tiny, out: Path) -> list[str]:
+    return ["--MaskGitConfig", str(tiny.maskgit_config), "--train_d_path", str(tiny.train_dir), "--val_d_path",
+            str(tiny.val_dir), "--checkpoint-path", str(out), "--device", "cpu", "--num_workers", "0",
+            "--batch-size", "4", "--cache-precision", "fp32", "--amp", "none", *long_run.RECIPE]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny setup, a committed trunk of 4 steps (compact state and logs, as in pretrained/long_run/) and a copy
+    of that state to train an uninterrupted trunk from."""
+    root = tmp_path_factory.mktemp("long_run")
+    setup = make_tiny_setup(root, n_train=8, n_val=6)
+    assert training_transformer.main(train_flags(setup, root / "seed") + ["--max-steps", str(TRUNK_STEPS)]) == 0
+    setup.committed = root / "committed"
+    setup.committed.mkdir()
+    for name in ("trunk_state.pt", *long_run.LOGS):
+        shutil.copy(root / "seed" / name, setup.committed / name)
+    setup.start_state = root / "seed" / "trunk_state.pt"
+    setup.shipped = random_transformer_checkpoint(root)
+    return setup
+
+
+def sitting(tiny, run: Path, *extra: str) -> int:
+    argv = ["sitting", str(run), "--from", str(tiny.committed), "--config", str(tiny.maskgit_config),
+            "--shipped-config", str(tiny.maskgit_config), "--shipped-transformer", str(tiny.shipped),
+            "--figure", str(run.parent / "long_run.png"), "--train_d_path", str(tiny.train_dir), "--val_d_path",
+            str(tiny.val_dir), "--batch-size", "4", "--amp", "none", "--trunk-steps", str(TRUNK_STEPS),
+            "--cooldown-steps", str(COOLDOWN_STEPS), "--fid-dims", "64", "--fid-partial", "1", *extra]
+    return long_run.main(argv)
+
+
+@pytest.fixture(scope="module")
+def two_sittings(tiny, tmp_path_factory):
+    """Sitting 1 whole; sitting 2 stopped by an evaluation budget of 0, then finished by the same call again."""
+    run = tmp_path_factory.mktemp("runs") / "pixels"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OMP_NUM_THREADS", "1")  # the phases' processes, as the uninterrupted trunk below
+        assert sitting(tiny, run) == 0
+        first = {"table": rows(tiny.committed / "cooldowns.csv"), "sittings": rows(tiny.committed / "sittings.csv")}
+        assert sitting(tiny, run, "--eval-minutes", "0") == 0
+        stopped = {"phase": json.loads((run / "sitting.json").read_text())["phase"],
+                   "table": rows(tiny.committed / "cooldowns.csv")}
+        assert sitting(tiny, run) == 0
+    return run, first, stopped
+
+
+def test_a_sitting_trains_the_trunk_branches_a_cooldown_evaluates_and_reports_it(tiny, two_sittings):
+    run, first, _ = two_sittings
+    row = first["table"][0]
+    assert row["cooldown"] == "cooldown_8" and row["branch_step"] == "8" and row["steps"] == str(COOLDOWN_STEPS)
+    for key in ("val_loss", "val_hole_loss", "gap", "gap_holes", "fid_boxes_g10", "fid_strokes_g0",
+                "shipped_boxes_g10", "shipped_strokes_g0"):
+        assert float(row[key]) == float(row[key]) and float(row[key]) != 0.0, key  # measured, finite
+    assert float(row["cpu_hours"]) >= 0.0
+    log = rows(run / "cooldown_8" / "log.csv")
+    assert log[-1]["kind"] == "cooldown"
+    assert float(log[-1]["val_loss"]) == pytest.approx(float(row["val_loss"]), abs=1e-4)
+    assert len(first["sittings"]) == 2  # the seed run's and this sitting's trunk process
+    assert (run.parent / "long_run.png").stat().st_size > 10_000
+
+
+def test_a_stopped_sitting_is_finished_by_the_next_call_without_more_training(tiny, two_sittings):
+    run, first, stopped = two_sittings
+    assert stopped["phase"] == "evaluate" and len(stopped["table"]) == 1
+    table = rows(tiny.committed / "cooldowns.csv")
+    assert [r["cooldown"] for r in table] == ["cooldown_8", "cooldown_12"]
+    assert table[1]["shipped_boxes_g10"] == table[0]["shipped_boxes_g10"]  # measured once per run folder
+    assert json.loads((run / "sitting.json").read_text())["phase"] == "done"
+    steps = rows(tiny.committed / "train_steps.csv")
+    assert [int(r["step"]) for r in steps] == list(range(1, 13))  # 4 committed + two sittings of 4, no more
+
+
+def test_the_trunk_across_sittings_equals_one_uninterrupted_trunk(tiny, two_sittings, tmp_path):
+    run, _, _ = two_sittings
+    flags = train_flags(tiny, tmp_path / "uninterrupted") + ["--resume-from", str(tiny.start_state),
+                                                             "--max-steps", str(3 * TRUNK_STEPS)]
+    subprocess.run([sys.executable, str(REPO / "training_transformer.py"), *flags], check=True, env=ONE_THREAD,
+                   capture_output=True)
+    ours = load_weights(run / "trunk" / "transformer_raw_last.pt")
+    theirs = load_weights(tmp_path / "uninterrupted" / "transformer_raw_last.pt")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    committed = torch.load(tiny.committed / "trunk_state.pt", weights_only=False)
+    assert committed["step"] == 3 * TRUNK_STEPS
+
+
+def test_sitting_errors_are_one_line(tiny, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = one_line_error(long_run.main, ["sitting", str(tmp_path / "run"), "--from", str(empty),
+                                         "--config", str(tiny.maskgit_config)], capsys)
+    assert "no trunk_state.pt" in err
+    err = one_line_error(long_run.main, ["sitting", str(tmp_path / "run"), "--minutes", "-1"], capsys)
+    assert "--minutes must not be negative" in err

@@ -1,6 +1,7 @@
 """The long stage-2 run, one command per sitting: continue the trunk, branch a cooldown, evaluate it, report.
 
     python long_run.py sitting ~/runs/pixels --minutes 100 --cooldown-minutes 15
+    python long_run.py plot --trunk pretrained/long_run/trunk_pixels --table pretrained/long_run/trunk_pixels/cooldowns.csv
 
 A sitting runs four phases, each in a process of its own with a budget (training_transformer.py, experiments.py,
 benchmarks/generalization_gap.py: the commands of docs/LONG_RUN.md):
@@ -29,9 +30,10 @@ import sys
 import time
 from pathlib import Path
 
-from training.long_run import (DEMO_DECODING, GUIDANCES, HOLE_KINDS, LOGS, RECIPE, VAL_SUBSET, Phases, RunLayout,
-                               append_cooldown, cooldown_hours, cooldown_steps_for, copy_atomically, fid_rows,
-                               gap_advice, last_step, plot_run, read_cooldowns, seconds_per_step, verdict)
+from training.long_run import (DEMO_DECODING, GUIDANCES, HOLE_KINDS, LOGS, PLATEAU_GAIN, RECIPE, VAL_SUBSET, Phases,
+                               RunLayout, append_cooldown, cooldown_steps_for, cooldown_summary, copy_atomically,
+                               fid_rows, gains_per_cpu_hour, gap_advice, last_step, plot_run, read_cooldowns,
+                               run_tables, seconds_per_step, verdict)
 from training.run_logs import RunFolder
 from training.transformer import COMPACT_STATE_NAME
 from utils.checkpoint import ensure_writable_dir
@@ -70,7 +72,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--fid-dims", type=int, choices=[64, 192, 768, 2048], default=2048, help="Inception features")
     s.add_argument("--fid-partial", type=float, default=VAL_SUBSET, help="the share of val images scored")
     s.add_argument("--debug", action="store_true", help="show tracebacks")
+    g = sub.add_parser("plot", help="the curves and tables of a trunk and its cooldowns")
+    g.add_argument("--trunk", required=True, type=Path, help="the trunk's folder (or the committed one: its logs)")
+    g.add_argument("--cooldowns", nargs="*", type=Path, default=[], help="finished cooldown branch folders")
+    g.add_argument("--table", type=Path, default=None, help="a cooldowns.csv of long_run.py sitting")
+    g.add_argument("--output", type=Path, default=Path("docs/long_run.png"))
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
+    if args.command == "plot":
+        return args
     for flag in ("minutes", "cooldown_minutes", "eval_minutes", "trunk_steps", "cooldown_steps"):
         if getattr(args, flag) < 0:
             p.error(f"--{flag.replace('_', '-')} must not be negative")
@@ -220,13 +230,10 @@ def evaluate_phase(args: argparse.Namespace, layout: RunLayout, phases: Phases, 
 def report_phase(args: argparse.Namespace, layout: RunLayout, sitting: dict, argv: list[str]) -> None:
     """The cooldown's row in --from/cooldowns.csv, the redrawn figure, the verdict and the next command."""
     name = sitting["cooldown"]
-    trunk, branch = RunFolder.read(layout.trunk), RunFolder.read(layout.root / name)
-    end = branch.cooldown_end()
+    trunk = RunFolder.read(layout.trunk)
     gap = json.loads((layout.root / name / "gap.json").read_text())
-    row = {"cooldown": name, "branch_step": sitting["branch"], "steps": sitting["steps"],
-           "cpu_hours": f"{cooldown_hours(trunk, branch):.3f}", "val_loss": f"{float(end['val_loss']):.4f}",
-           "val_hole_loss": f"{float(end['val_hole_loss']):.4f}", "gap": f"{gap['uniform']['gap']:.4f}",
-           "gap_holes": f"{gap['whole holes']['gap']:.4f}", "machine": branch.sittings[-1]["machine"],
+    row = {**cooldown_summary(trunk, layout.root / name), "gap": f"{gap['uniform']['gap']:.4f}",
+           "gap_holes": f"{gap['whole holes']['gap']:.4f}",
            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())}
     for model, prefix in ((name, "fid"), (shipped_name(args), "shipped")):
         for holes in HOLE_KINDS:
@@ -236,6 +243,7 @@ def report_phase(args: argparse.Namespace, layout: RunLayout, sitting: dict, arg
     append_cooldown(table, row)
     rows = read_cooldowns(table)
     plot_run(trunk, rows, args.figure)
+    print("\n" + run_tables(trunk, rows))
     print(f"\n{name}: {row['steps']} steps from trunk step {row['branch_step']}, {row['cpu_hours']} CPU-hours: "
           f"val loss {row['val_loss']}, val_hole_loss {row['val_hole_loss']}, train/val gap {row['gap']} "
           f"(whole holes {row['gap_holes']}); row added to {table}, {args.figure} redrawn")
@@ -249,7 +257,24 @@ def report_phase(args: argparse.Namespace, layout: RunLayout, sitting: dict, arg
     advice = gap_advice(rows)
     if advice:
         print(advice)
+    gains = [g for g in gains_per_cpu_hour([(float(r["cpu_hours"]), float(r["val_loss"])) for r in rows]) if g]
+    if len(gains) >= 2 and max(gains[-2:]) < PLATEAU_GAIN:
+        print(f"plateau: the last two cooldowns gained {gains[-2]:.4f} and {gains[-1]:.4f} val loss per CPU-hour, "
+              f"below {PLATEAU_GAIN}: more of the same compute buys little")
     print("next sitting: python long_run.py " + " ".join(shlex.quote(a) for a in argv))
+
+
+def plot(args: argparse.Namespace) -> None:
+    trunk = RunFolder.read(args.trunk)
+    cooldowns = read_cooldowns(args.table) if args.table else []
+    for folder in args.cooldowns:
+        summary = cooldown_summary(trunk, folder)
+        if summary is None:
+            print(f"note: {folder}: no finished cooldown, left out", file=sys.stderr)
+        else:
+            cooldowns.append(summary)
+    plot_run(trunk, cooldowns, args.output)
+    print(f"wrote {args.output}\n\n" + run_tables(trunk, cooldowns))
 
 
 def run_sitting(args: argparse.Namespace, argv: list[str]) -> None:
@@ -275,7 +300,7 @@ def run_sitting(args: argparse.Namespace, argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    return run_cli(lambda: run_sitting(args, argv), debug=args.debug)
+    return run_cli(lambda: plot(args) if args.command == "plot" else run_sitting(args, argv), debug=args.debug)
 
 
 if __name__ == "__main__":

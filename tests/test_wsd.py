@@ -10,9 +10,10 @@ import pytest
 import torch
 from tiny_maskgit import make_tiny_setup_with_cache
 
-import plot_long_run
+import long_run
 from benchmarks import compare_runs
 import training_transformer
+from training.long_run import gains_per_cpu_hour, loss_per_doubling
 from training.transformer import COMPACT_STATE_NAME, compact_state, expand_compact_state
 from utils.checkpoint import load_training_state, load_weights
 from utils.train_utils import warmup_stable_decay
@@ -173,7 +174,7 @@ def test_wsd_user_errors_exit_2_with_one_line(tiny, tmp_path, first_sitting, cap
     assert expected in err[-1]
 
 
-def test_plot_long_run_draws_the_trunk_and_its_cooldowns_and_tables_each_sitting(tiny, tmp_path, first_sitting,
+def test_long_run_plot_draws_the_trunk_and_its_cooldowns_and_tables_each_sitting(tiny, tmp_path, first_sitting,
                                                                                  capsys):
     trunk = tmp_path / "trunk"
     shutil.copytree(first_sitting, trunk)
@@ -181,8 +182,8 @@ def test_plot_long_run_draws_the_trunk_and_its_cooldowns_and_tables_each_sitting
     assert run(tiny, tmp_path / "cooldown_12", "--resume-from", trunk / "training_state.pt", "--cooldown-steps", 2) == 0
     capsys.readouterr()
     out = tmp_path / "long_run.png"
-    assert plot_long_run.main(["--trunk", str(trunk), "--cooldowns", str(tmp_path / "cooldown_12"),
-                               "--output", str(out)]) == 0
+    assert long_run.main(["plot", "--trunk", str(trunk), "--cooldowns", str(tmp_path / "cooldown_12"),
+                          "--output", str(out)]) == 0
     assert out.stat().st_size > 10_000
     printed = capsys.readouterr().out
     sittings = [ln for ln in printed.splitlines() if ln.startswith("| 1 |") or ln.startswith("| 2 |")]
@@ -193,13 +194,14 @@ def test_plot_long_run_draws_the_trunk_and_its_cooldowns_and_tables_each_sitting
 
 
 def test_the_plateau_figures_are_gains_per_cpu_hour_and_the_slope_per_doubling():
-    gains = plot_long_run.gains_per_cpu_hour([(1.0, 6.0), (3.0, 5.9), (7.0, 5.88)])
+    gains = gains_per_cpu_hour([(1.0, 6.0), (3.0, 5.9), (7.0, 5.88)])
     assert gains[0] is None and gains[1:] == pytest.approx([0.05, 0.005])
+    assert gains_per_cpu_hour([(1.0, 6.0), (1.0, 5.9)]) == [None, None]  # no CPU-time between them: no rate
     hours = [0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0]
     losses = [6.5, 6.4, 6.0 - 0.03 * 1, 6.0 - 0.03 * math.log2(3), 6.0 - 0.03 * 2, 6.0 - 0.03 * math.log2(6), 5.91]
-    slope, since = plot_long_run.loss_per_doubling(hours, losses)  # the last two doublings: 2-8 CPU-hours
+    slope, since = loss_per_doubling(hours, losses)  # the last two doublings: 2-8 CPU-hours
     assert since == 2.0 and slope == pytest.approx(-0.03)
-    assert plot_long_run.loss_per_doubling([8.0], [5.9]) is None
+    assert loss_per_doubling([8.0], [5.9]) is None
 
 
 def test_compare_runs_tables_each_run_and_refuses_unpaired_cooldowns(tiny, tmp_path, uninterrupted, first_sitting,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import signal
@@ -19,6 +20,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
 
 from training.run_logs import RunFolder
 from utils.checkpoint import atomic_write
@@ -37,6 +41,9 @@ LOGS = ("log.csv", "train_steps.csv", "sittings.csv")
 STARTUP_SECONDS = 60.0  # a training process's start, final validation and save, kept out of a cooldown's steps
 STOP_GRACE_SECONDS = 120.0  # how long a phase may take to save its state after its deadline's SIGTERM
 GAP_GROWTH_FOR_AUGMENT = 0.01  # nats: a gap growing faster than this per sitting switches --augment shift on
+PLATEAU_GAIN = 0.02  # val loss per CPU-hour between successive cooldowns below which the run has stopped paying
+AROUND_RESUME = 200  # steps compared before and after each resume
+FIT_DOUBLINGS = 2  # the trunk's val loss is fitted against log2(CPU-hours) over this many last doublings
 COOLDOWN_FIELDS = ["cooldown", "branch_step", "steps", "cpu_hours", "val_loss", "val_hole_loss", "gap",
                    "gap_holes"] + [f"fid_{h}_g{g}" for g in GUIDANCES for h in HOLE_KINDS] + \
                   [f"shipped_{h}_g{g}" for g in GUIDANCES for h in HOLE_KINDS] + ["machine", "finished_utc"]
@@ -178,10 +185,18 @@ def append_cooldown(path: Path, row: dict[str, object]) -> None:
     atomic_write_text("\n".join(lines) + "\n", path)
 
 
-def cooldown_hours(trunk: RunFolder, cooldown: RunFolder) -> float:
-    """CPU-hours (seconds x threads) at a cooldown's end: the trunk's up to the branch, then the cooldown's own."""
-    start = cooldown.steps[0][0] - 1
-    return cooldown.cpu_hours_at(trunk.cpu_hours_at().get(start, 0.0))[cooldown.steps[-1][0]]
+def cooldown_summary(trunk: RunFolder, folder: Path) -> dict[str, str] | None:
+    """A finished cooldown branch's figures from its own logs, as cooldowns.csv holds them (None if unfinished):
+    CPU-hours at its end are the trunk's up to the branch, then the branch's own (seconds x threads)."""
+    branch = RunFolder.read(folder)
+    end = branch.cooldown_end()
+    if end is None or not branch.steps:
+        return None
+    start = branch.steps[0][0] - 1
+    hours = branch.cpu_hours_at(trunk.cpu_hours_at().get(start, 0.0))[int(end["step"])]
+    return {"cooldown": folder.name, "branch_step": str(start), "steps": str(int(end["step"]) - start),
+            "cpu_hours": f"{hours:.4f}", "val_loss": f"{float(end['val_loss']):.4f}",
+            "val_hole_loss": f"{float(end['val_hole_loss']):.4f}", "machine": branch.sittings[-1]["machine"]}
 
 
 def verdict(row: dict[str, object]) -> tuple[bool, list[str]]:
@@ -206,9 +221,79 @@ def gap_advice(rows: list[dict[str, str]]) -> str | None:
     return None
 
 
+def sitting_table(trunk: RunFolder) -> list[str]:
+    """Each sitting (process start) of the trunk: its machine, steps, speed and CPU-hours."""
+    lines = ["| sitting | machine | threads | precision | steps | steps/s | CPU-hours |",
+             "| ---: | --- | ---: | --- | ---: | ---: | ---: |"]
+    starts = [int(s["first_step"]) for s in trunk.sittings] + [10 ** 12]
+    for i, s in enumerate(trunk.sittings):
+        mine = [r for r in trunk.steps if starts[i] < r[0] <= starts[i + 1]]
+        seconds = sum(r[2] for r in mine) / max(1, int(s["threads"]))
+        rate = len(mine) / seconds if seconds else float("nan")
+        lines.append(f"| {i + 1} | {s['machine']} | {s['threads']} | {s['precision']} | "
+                     f"{mine[0][0] if mine else '-'}-{mine[-1][0] if mine else '-'} | {rate:.3f} | "
+                     f"{sum(r[2] for r in mine) / 3600:.2f} |")
+    return lines
+
+
+def resume_table(trunk: RunFolder) -> list[str]:
+    """The train loss just before and after each resume: a continuation must not jump."""
+    losses = {step: loss for step, loss, _ in trunk.steps}
+    lines = [f"| resumed after step | mean train loss, {AROUND_RESUME} steps before | the {AROUND_RESUME} after | "
+             "change |", "| ---: | ---: | ---: | ---: |"]
+    for s in trunk.sittings[1:]:
+        first = int(s["first_step"])
+        before = [losses[k] for k in range(first - AROUND_RESUME + 1, first + 1) if k in losses]
+        after = [losses[k] for k in range(first + 1, first + AROUND_RESUME + 1) if k in losses]
+        if before and after:
+            b, a = sum(before) / len(before), sum(after) / len(after)
+            lines.append(f"| {first} | {b:.4f} | {a:.4f} | {a - b:+.4f} |")
+    return lines
+
+
+def cooldown_table(cooldowns: list[dict[str, str]]) -> list[str]:
+    """The cooldowns with the val loss each gained per CPU-hour since the one before (the plateau test)."""
+    gains = gains_per_cpu_hour([(float(c["cpu_hours"]), float(c["val_loss"])) for c in cooldowns])
+    lines = ["| cooldown | branch from step | steps | CPU-hours at its end | val loss | val_hole_loss | "
+             "val loss gained per CPU-hour since the previous |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for c, gain in zip(cooldowns, gains):
+        lines.append(f"| {c['cooldown']} | {c['branch_step']} | {c['steps']} | {float(c['cpu_hours']):.2f} | "
+                     f"{float(c['val_loss']):.4f} | {float(c['val_hole_loss']):.4f} | "
+                     f"{'-' if gain is None else f'{gain:.4f}'} |")
+    return lines
+
+
+def gains_per_cpu_hour(points: list[tuple[float, float]]) -> list[float | None]:
+    """For (CPU-hours, val loss) of successive cooldowns: the loss each gained per CPU-hour since the one before
+    (None for the first, and where no CPU-time passed)."""
+    return [None] + [(l0 - l1) / (h1 - h0) if h1 > h0 else None for (h0, l0), (h1, l1) in zip(points, points[1:])]
+
+
+def loss_per_doubling(hours: list[float], losses: list[float]) -> tuple[float, float] | None:
+    """Least-squares slope of loss against log2(hours) over the last FIT_DOUBLINGS doublings, and where they begin
+    (None with fewer than two points there)."""
+    since = hours[-1] / 2 ** FIT_DOUBLINGS if hours else 0.0
+    fitted = [(math.log2(h), v) for h, v in zip(hours, losses) if h >= since]
+    if len(fitted) < 2:
+        return None
+    return float(np.polyfit(*zip(*fitted), 1)[0]), since
+
+
+def run_tables(trunk: RunFolder, cooldowns: list[dict[str, str]]) -> str:
+    """The sittings, the resumes, the cooldowns and the trunk's val loss per doubling of its CPU-hours."""
+    hours = trunk.cpu_hours_at()
+    rows = trunk.validation_rows()
+    val_hours = [hours[int(r["step"])] for r in rows]
+    fit = loss_per_doubling(val_hours, [float(r["val_loss"]) for r in rows])
+    return "\n".join(sitting_table(trunk) + [""] + resume_table(trunk) + [""] + cooldown_table(cooldowns)) + \
+        "\n\ntrunk val loss per doubling of CPU-hours: " + ("fewer than two validations to fit" if fit is None else
+                                                           f"{fit[0]:+.4f} (fit from {fit[1]:.2f} to "
+                                                           f"{val_hours[-1]:.2f} CPU-hours)")
+
+
 def plot_run(trunk: RunFolder, cooldowns: list[dict[str, str]], output: Path) -> None:
-    """val loss and val_hole_loss of the trunk and its cooldowns against steps and CPU-hours."""
-    from matplotlib.figure import Figure
+    """val loss and val_hole_loss of the trunk (every validation at a step it trained) and of its cooldowns'
+    ends against optimizer steps and CPU-hours."""
     hours = trunk.cpu_hours_at()
     rows = trunk.validation_rows()
     fig = Figure(figsize=(12, 4), dpi=100)

@@ -1,5 +1,5 @@
 """What a training folder of training_transformer.py logged (log.csv, train_steps.csv, sittings.csv), read for the
-plots and tables of long runs and studies (plot_long_run.py, benchmarks/compare_runs.py)."""
+plots and tables of long runs and studies (long_run.py, benchmarks/compare_runs.py)."""
 from __future__ import annotations
 
 import csv

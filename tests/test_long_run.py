@@ -15,6 +15,7 @@ import torch
 from tiny_maskgit import REPO, make_tiny_setup, one_line_error, random_transformer_checkpoint
 
 import long_run
+import training.long_run
 import training_transformer
 from utils.checkpoint import load_weights
 
@@ -120,3 +121,14 @@ def test_sitting_errors_are_one_line(tiny, tmp_path, capsys):
     assert "no trunk_state.pt" in err
     err = one_line_error(long_run.main, ["sitting", str(tmp_path / "run"), "--minutes", "-1"], capsys)
     assert "--minutes must not be negative" in err
+
+
+def test_a_cooldown_is_sized_by_the_median_step_so_a_slowed_stretch_does_not_shrink_it(tmp_path):
+    trunk = tmp_path / "trunk"
+    trunk.mkdir()
+    seconds = [9.0] * 50 + [0.5] * 100 + [2.0] * 40  # an earlier sitting, this one's steps, a stretch slowed by tests
+    (trunk / "train_steps.csv").write_text("step,train_loss,lr,seconds,threads\n" + "".join(
+        f"{step},5.0,0.001,{s},2\n" for step, s in enumerate(seconds, start=1)))
+    step_seconds = training.long_run.seconds_per_step(trunk, since_step=50)
+    assert step_seconds == pytest.approx(0.5 * (1 + training.long_run.VALIDATION_SHARE))
+    assert training.long_run.cooldown_steps_for(10.0, step_seconds) == int((600 - 60) / step_seconds)

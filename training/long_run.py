@@ -38,6 +38,7 @@ GUIDANCES = ("10", "0")
 HOLE_KINDS = ("boxes", "strokes")
 VAL_SUBSET = 0.33  # the first third of val (258 of 781 images): the cooldowns' FID, the ship test takes all 781
 LOGS = ("log.csv", "train_steps.csv", "sittings.csv")
+VALIDATION_SHARE = 0.05  # an epoch's validation, next to its steps (439 steps of 0.86 s, validation ~17 s)
 STARTUP_SECONDS = 60.0  # a training process's start, final validation and save, kept out of a cooldown's steps
 STOP_GRACE_SECONDS = 120.0  # how long a phase may take to save its state after its deadline's SIGTERM
 GAP_GROWTH_FOR_AUGMENT = 0.01  # nats: a gap growing faster than this per sitting switches --augment shift on
@@ -89,19 +90,12 @@ def last_step(folder: Path) -> int:
 
 
 def seconds_per_step(trunk: Path, since_step: int) -> float:
-    """Wall seconds per optimizer step of the trunk after `since_step`, validations included: from the epochs
-    it finished there (log.csv), else from its steps' own times (train_steps.csv) plus 5 %."""
-    run = RunFolder.read(trunk)
-    epochs = [r for r in run.log if r["kind"] == "epoch" and int(r["step"]) > since_step]
-    previous = {id(b): a for a, b in zip(run.log, run.log[1:])}
-    per_step = [float(r["seconds"]) / (int(r["step"]) - int(previous[id(r)]["step"])) for r in epochs
-                if id(r) in previous and previous[id(r)]["kind"] == "epoch"]
-    if per_step:
-        return statistics.median(per_step)
+    """Wall seconds per optimizer step of the trunk after `since_step`: the median of its steps' own times (a
+    stretch slowed by other work beside it does not count) plus VALIDATION_SHARE for the epochs' validations."""
     mine = [seconds for step, seconds in RunFolder.read_steps(trunk) if step > since_step]
     if not mine:
         raise ValueError(f"{trunk}: no step after {since_step} to time a cooldown by; train the trunk first")
-    return 1.05 * statistics.median(mine[-500:])
+    return (1.0 + VALIDATION_SHARE) * statistics.median(mine)
 
 
 def cooldown_steps_for(minutes: float, step_seconds: float) -> int:

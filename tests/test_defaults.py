@@ -34,7 +34,7 @@ def test_the_inference_defaults_are_the_shipped_models():
         cfg = load_maskgit_config(parse([]).MaskGitConfig)
         model = MaskGit(cfg)  # the VQGAN checkpoint is in the repository
         model.load_transformer_checkpoint(transformer_ckpt_path(cfg))  # and so is the transformer, strictly
-        assert transformer_ckpt_path(cfg).resolve() == REPO / "pretrained" / "long_run" / "cooldown_3" / "transformer.pt"
+        assert transformer_ckpt_path(cfg).resolve() == REPO / "pretrained" / "long_run" / "cooldown_4" / "transformer.pt"
 
 
 def test_every_shipped_config_builds_its_models_from_the_repository():

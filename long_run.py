@@ -33,7 +33,7 @@ from pathlib import Path
 from training.long_run import (DEMO_DECODING, GUIDANCES, HOLE_KINDS, LOGS, PLATEAU_GAIN, RECIPE, VAL_SUBSET, Phases,
                                RunLayout, append_cooldown, cooldown_steps_for, cooldown_summary, copy_atomically,
                                fid_rows, gains_per_cpu_hour, gap_advice, last_step, plot_run, read_cooldowns,
-                               run_tables, seconds_per_step, verdict)
+                               run_tables, seconds_per_step, verdict, write_fp16)
 from training.run_logs import RunFolder
 from training.transformer import COMPACT_STATE_NAME
 from utils.checkpoint import ensure_writable_dir
@@ -164,8 +164,10 @@ def cooldown_phase(args: argparse.Namespace, layout: RunLayout, phases: Phases, 
     folder = layout.root / sitting["cooldown"]
     if cooldown_finished(folder):
         return True
-    resume = ["--resume"] if (folder / "training_state.pt").is_file() else \
-        ["--resume-from", layout.trunk / "training_state.pt"]
+    trunk_state = layout.trunk / "training_state.pt"
+    if not trunk_state.is_file():  # --minutes 0 on a fresh machine: branch from the committed compact state
+        trunk_state = args.committed / COMPACT_STATE_NAME
+    resume = ["--resume"] if (folder / "training_state.pt").is_file() else ["--resume-from", trunk_state]
     minutes = (deadline - time.monotonic()) / 60.0
     code, out_of_time = phases.run(training_command(
         args, folder, *resume, "--cooldown-steps", sitting["steps"], "--token-cache", layout.trunk / "token_cache.pt",
@@ -250,8 +252,10 @@ def report_phase(args: argparse.Namespace, layout: RunLayout, sitting: dict, arg
     beats, lines = verdict(row)
     print(f"FID on the first {args.fid_partial:g} of val, demo decoding:\n" + "\n".join(lines))
     if beats:
-        print("it beats the shipped transformer on both hole types: a candidate. Ship it only after the ship test on "
-              "all 781 val images (docs/LONG_RUN.md, \"Ship it\")")
+        fp16 = layout.root / name / "transformer.pt"
+        write_fp16(layout.root / name / "transformer_last.pt", fp16)
+        print(f"it beats the shipped transformer on both hole types: a candidate, {fp16} (fp16, as it would be "
+              f"committed). Ship it only after the ship test on all 781 val images (docs/LONG_RUN.md, \"Ship it\")")
     else:
         print("it does not beat the shipped transformer on both hole types yet: the trunk trains on")
     advice = gap_advice(rows)

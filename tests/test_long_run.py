@@ -86,6 +86,11 @@ def test_a_sitting_trains_the_trunk_branches_a_cooldown_evaluates_and_reports_it
     assert log[-1]["kind"] == "cooldown"
     assert float(log[-1]["val_loss"]) == pytest.approx(float(row["val_loss"]), abs=1e-4)
     assert len(first["sittings"]) == 2  # the seed run's and this sitting's trunk process
+    beats, _ = training.long_run.verdict(row)
+    fp16 = run / "cooldown_8" / "transformer.pt"  # a candidate's weights as they would be committed
+    assert fp16.is_file() == beats
+    if beats:
+        assert all(v.dtype == torch.float16 for v in load_weights(fp16).values() if v.is_floating_point())
     assert (run.parent / "long_run.png").stat().st_size > 10_000
 
 

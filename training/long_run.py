@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+import torch
+
 from training.run_logs import RunFolder
-from utils.checkpoint import atomic_write
+from utils.checkpoint import atomic_save, atomic_write
 from utils.train_utils import atomic_write_text
 
 # the trunk's recipe (docs/LONG_RUN.md): every sitting and cooldown trains with these flags
@@ -154,6 +156,12 @@ class Phases:
             return self.child.returncode, stopped_at is not None and not self.interrupted
         finally:
             self.child = None
+
+
+def write_fp16(weights: Path, target: Path) -> None:
+    """The fp16 copy of a state_dict file: what a shipped transformer is committed as (half the bytes)."""
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    atomic_save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, target)
 
 
 def fid_rows(folder: Path) -> dict[str, float]:

@@ -28,6 +28,7 @@ import torch
 
 from training.run_logs import RunFolder
 from utils.checkpoint import atomic_save, atomic_write
+from utils.cli import EXIT_INTERRUPTED
 from utils.train_utils import atomic_write_text
 
 # the trunk's recipe (docs/LONG_RUN.md): every sitting and cooldown trains with these flags
@@ -66,7 +67,7 @@ class RunLayout:
         return self.root / "sitting.json"
 
     def fid_folder(self, model: str, holes: str) -> Path:
-        """experiments.py's output folder of `model` (a cooldown's name, or "shipped") on `holes`."""
+        """experiments.py's output folder of `model` (a cooldown's name, or shipped_HASH) on `holes`."""
         return self.root / model / f"fid_{holes}"
 
     def read_sitting(self) -> dict:
@@ -137,7 +138,7 @@ class Phases:
         """Run `command` until it ends; returns its exit code and whether the deadline (time.monotonic) stopped
         it. After the grace period past a SIGTERM the child is killed."""
         if self.interrupted:
-            return 130, False
+            return EXIT_INTERRUPTED, False
         print("$ " + " ".join(command), flush=True)
         self.child = subprocess.Popen(command, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         stopped_at = None

@@ -1,6 +1,7 @@
 """The long stage-2 run, one command per sitting: continue the trunk, branch a cooldown, evaluate it, report.
 
     python long_run.py sitting ~/runs/pixels --minutes 100 --cooldown-minutes 15
+    python long_run.py ship ~/runs/pixels
     python long_run.py plot --trunk pretrained/long_run/trunk_pixels --table pretrained/long_run/trunk_pixels/cooldowns.csv
 
 A sitting runs four phases, each in a process of its own with a budget (training_transformer.py, experiments.py,
@@ -15,6 +16,8 @@ benchmarks/generalization_gap.py: the commands of docs/LONG_RUN.md):
                shipped transformer the same way, once per run folder.
   4. report    appends a row to --from/cooldowns.csv, redraws --figure, says whether the cooldown beats the
                shipped transformer and what to run next.
+A cooldown that beats it on those images is a candidate; `ship` measures it against the shipped transformer on all of
+val (781 images) with each decoding of SHIP_DECODINGS, chooses each one's decoding on val and says whether it ships.
 The whole command ends within --minutes + --cooldown-minutes + --eval-minutes, plus at most 2 minutes per phase to
 save after its deadline. Ctrl-C or SIGTERM in any phase saves what that phase has (training states, measured
 rows) and exits 130; the next call with the same RUN continues that sitting where it stopped, and a call after a
@@ -25,15 +28,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shlex
 import sys
 import time
 from pathlib import Path
 
-from training.long_run import (DEMO_DECODING, GUIDANCES, HOLE_KINDS, LOGS, PLATEAU_GAIN, RECIPE, VAL_SUBSET, Phases,
-                               RunLayout, append_cooldown, cooldown_steps_for, cooldown_summary, copy_atomically,
-                               fid_rows, gains_per_cpu_hour, gap_advice, last_step, plot_run, read_cooldowns,
-                               run_tables, seconds_per_step, verdict, write_fp16)
+from training.long_run import (DEMO_DECODING, GUIDANCES, HOLE_KINDS, LOGS, PLATEAU_GAIN, RECIPE, SHIP_DECODINGS,
+                               VAL_SUBSET, Phases, RunLayout, append_cooldown, cooldown_steps_for, cooldown_summary,
+                               copy_atomically, fid_rows, gains_per_cpu_hour, gap_advice, last_step, plot_run,
+                               read_cooldowns, run_tables, seconds_per_step, ship_table, ship_verdict, verdict,
+                               write_fp16)
 from training.run_logs import RunFolder
 from training.transformer import COMPACT_STATE_NAME
 from utils.checkpoint import ensure_writable_dir
@@ -41,14 +46,25 @@ from utils.cli import EXIT_INTERRUPTED, OneLineParser, TrainingStopped, UserErro
 
 REPO = Path(__file__).resolve().parent
 PYTHON = sys.executable
+TRUNK_MINUTES = 100.0  # a sitting's trunk budget: a three-hour machine keeps time for the cooldown and its evaluation
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    s = sub.add_parser("sitting", help="one sitting: trunk, cooldown, evaluation, report")
+    measured = OneLineParser(add_help=False)  # what the sitting's evaluation and the ship test share
+    measured.add_argument("--config", default="configs/studies/small_gan_pixels.yml", help="the trunk's MaskGit config")
+    measured.add_argument("--shipped-config", default="configs/MaskGit_demo.yml",
+                          help="the shipped pair's config, whose transformer a cooldown is compared with")
+    measured.add_argument("--shipped-transformer", default=None, help="its transformer weights (default: the config's)")
+    measured.add_argument("--val_d_path", default="./cat_face/val/")
+    measured.add_argument("--fid-dims", type=int, choices=[64, 192, 768, 2048], default=2048,
+                          help="Inception features")
+    measured.add_argument("--debug", action="store_true", help="show tracebacks")
+    s = sub.add_parser("sitting", parents=[measured], help="one sitting: trunk, cooldown, evaluation, report")
     s.add_argument("run", type=Path, help="the run folder on this machine (outside the repository, e.g. ~/runs/NAME)")
-    s.add_argument("--minutes", type=float, default=100.0, help="the trunk's budget (0: branch from the trunk as is)")
+    s.add_argument("--minutes", type=float, default=TRUNK_MINUTES, help="the trunk's budget (0: branch from the "
+                   "trunk as is)")
     s.add_argument("--cooldown-minutes", type=float, default=15.0, help="the cooldown's budget, which sizes it")
     s.add_argument("--eval-minutes", type=float, default=25.0,
                    help="the evaluation's budget (the first sitting of a run folder also measures the shipped "
@@ -56,22 +72,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--from", dest="committed", type=Path, default=Path("pretrained/long_run/trunk_pixels"),
                    help="the committed folder: the trunk's compact state and logs, continued in a new run folder "
                         "and written back after the trunk phase; cooldowns.csv")
-    s.add_argument("--config", default="configs/studies/small_gan_pixels.yml", help="the trunk's MaskGit config")
-    s.add_argument("--shipped-config", default="configs/MaskGit_demo.yml",
-                   help="the shipped pair's config, whose transformer a cooldown is compared with")
-    s.add_argument("--shipped-transformer", default=None, help="its transformer weights (default: the config's)")
     s.add_argument("--figure", type=Path, default=Path("docs/long_run.png"), help="the run's curves, redrawn")
     s.add_argument("--augment", choices=["flip", "shift"], default=None,
                    help="the trunk's augmentation from this sitting on (default: as it was)")
     s.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto", help="training precision")
     s.add_argument("--train_d_path", default="./cat_face/train/")
-    s.add_argument("--val_d_path", default="./cat_face/val/")
     s.add_argument("--batch-size", type=int, default=None, help="default: the config's recipe")
     s.add_argument("--trunk-steps", type=int, default=0, help="also stop the trunk after this many steps (0: time only)")
     s.add_argument("--cooldown-steps", type=int, default=0, help="a cooldown of this many steps (0: sized by time)")
-    s.add_argument("--fid-dims", type=int, choices=[64, 192, 768, 2048], default=2048, help="Inception features")
     s.add_argument("--fid-partial", type=float, default=VAL_SUBSET, help="the share of val images scored")
-    s.add_argument("--debug", action="store_true", help="show tracebacks")
+    t = sub.add_parser("ship", parents=[measured],
+                       help="the ship test: a candidate against the shipped transformer on all of val, each with the "
+                            "decoding that suits it best")
+    t.add_argument("run", type=Path, help="the run folder of the sitting whose cooldown is the candidate")
+    t.add_argument("--candidate", type=Path, default=None,
+                   help="its fp16 transformer (default: the last sitting's RUN/cooldown_STEP/transformer.pt)")
+    t.add_argument("--fid-partial", type=float, default=1.0, help="the share of val images scored")
     g = sub.add_parser("plot", help="the curves and tables of a trunk and its cooldowns")
     g.add_argument("--trunk", required=True, type=Path, help="the trunk's folder (or the committed one: its logs)")
     g.add_argument("--cooldowns", nargs="*", type=Path, default=[], help="finished cooldown branch folders")
@@ -79,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--output", type=Path, default=Path("docs/long_run.png"))
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
-    if args.command == "plot":
+    if args.command != "sitting":
         return args
     for flag in ("minutes", "cooldown_minutes", "eval_minutes", "trunk_steps", "cooldown_steps"):
         if getattr(args, flag) < 0:
@@ -190,17 +206,26 @@ def shipped_name(args: argparse.Namespace) -> str:
     return "shipped_" + hashlib.sha1(key).hexdigest()[:8]
 
 
-def fid_command(args: argparse.Namespace, layout: RunLayout, model: str, holes: str) -> list[str]:
+def model_flags(args: argparse.Namespace, model: str, weights: Path) -> list[str]:
+    """experiments.py's flags that load `model`: the shipped pair (shipped_HASH), or `weights` on the trunk's config."""
     if model.startswith("shipped_"):
-        weights = ["--MaskGitConfig", args.shipped_config] + (
+        return ["--MaskGitConfig", args.shipped_config] + (
             ["--load-transformer-ckpt-path", args.shipped_transformer] if args.shipped_transformer else [])
-    else:
-        weights = ["--MaskGitConfig", args.config, "--load-transformer-ckpt-path",
-                   str(layout.root / model / "transformer_last.pt")]
+    return ["--MaskGitConfig", args.config, "--load-transformer-ckpt-path", str(weights)]
+
+
+def fid_command(args: argparse.Namespace, loading: list[str], holes: str, decoding: list[str],
+                output: Path) -> list[str]:
+    """An experiments.py study on the first --fid-partial of val, resumed where it stopped."""
     return [PYTHON, str(REPO / "experiments.py"), "--split", "val", "--val_d_path", args.val_d_path, "--partial",
-            str(args.fid_partial), "--figure-images", "0", "--references", *weights, "--holes", holes,
-            "--output-dir", str(layout.fid_folder(model, holes)), "--pixel-guidances", *GUIDANCES, *DEMO_DECODING,
-            "--dims", str(args.fid_dims), "--resume"]
+            str(args.fid_partial), "--figure-images", "0", "--references", *loading, "--holes", holes,
+            "--output-dir", str(output), *decoding, "--dims", str(args.fid_dims), "--resume"]
+
+
+def cooldown_fid_command(args: argparse.Namespace, layout: RunLayout, model: str, holes: str) -> list[str]:
+    flags = model_flags(args, model, layout.root / model / "transformer_last.pt")
+    return fid_command(args, flags, holes, ["--pixel-guidances", *GUIDANCES, *DEMO_DECODING],
+                       layout.fid_folder(model, holes))
 
 
 def evaluate_phase(args: argparse.Namespace, layout: RunLayout, phases: Phases, sitting: dict,
@@ -209,7 +234,7 @@ def evaluate_phase(args: argparse.Namespace, layout: RunLayout, phases: Phases, 
     name = sitting["cooldown"]
     folder = layout.root / name
     gap_file = folder / "gap.json"
-    work = [fid_command(args, layout, name, holes) for holes in HOLE_KINDS
+    work = [cooldown_fid_command(args, layout, name, holes) for holes in HOLE_KINDS
             if len(fid_rows(layout.fid_folder(name, holes))) < len(GUIDANCES)]
     if not gap_file.is_file():
         work.append([PYTHON, str(REPO / "benchmarks" / "generalization_gap.py"), "--MaskGitConfig", args.config,
@@ -217,7 +242,7 @@ def evaluate_phase(args: argparse.Namespace, layout: RunLayout, phases: Phases, 
                      str(layout.trunk / "token_cache.pt"), "--train_d_path", args.train_d_path, "--val_d_path",
                      args.val_d_path, "--json", str(gap_file)])
     shipped = shipped_name(args)
-    work += [fid_command(args, layout, shipped, holes) for holes in HOLE_KINDS
+    work += [cooldown_fid_command(args, layout, shipped, holes) for holes in HOLE_KINDS
              if len(fid_rows(layout.fid_folder(shipped, holes))) < len(GUIDANCES)]
     for command in work:
         code, out_of_time = phases.run(command, deadline)
@@ -255,7 +280,8 @@ def report_phase(args: argparse.Namespace, layout: RunLayout, sitting: dict, arg
         fp16 = layout.root / name / "transformer.pt"
         write_fp16(layout.root / name / "transformer_last.pt", fp16)
         print(f"it beats the shipped transformer on both hole types: a candidate, {fp16} (fp16, as it would be "
-              f"committed). Ship it only after the ship test on all 781 val images (docs/LONG_RUN.md, \"Ship it\")")
+              f"committed). Ship it only if it passes the ship test on all of val: python long_run.py ship "
+              f"{shlex.quote(str(args.run))}")
     else:
         print("it does not beat the shipped transformer on both hole types yet: the trunk trains on")
     advice = gap_advice(rows)
@@ -265,7 +291,57 @@ def report_phase(args: argparse.Namespace, layout: RunLayout, sitting: dict, arg
     if len(gains) >= 2 and max(gains[-2:]) < PLATEAU_GAIN:
         print(f"plateau: the last two cooldowns gained {gains[-2]:.4f} and {gains[-1]:.4f} val loss per CPU-hour, "
               f"below {PLATEAU_GAIN}: more of the same compute buys little")
-    print("next sitting: python long_run.py " + " ".join(shlex.quote(a) for a in argv))
+    print("next sitting: python long_run.py " + " ".join(shlex.quote(a) for a in next_sitting(argv)))
+
+
+def next_sitting(argv: list[str]) -> list[str]:
+    """This sitting's command for the next one; a sitting that only branched (--minutes 0) gives the trunk its
+    budget back."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--minutes" and i + 1 < len(argv) and float(argv[i + 1]) == 0:
+            argv[i + 1] = f"{TRUNK_MINUTES:g}"
+        elif arg.startswith("--minutes=") and float(arg.split("=", 1)[1]) == 0:
+            argv[i] = f"--minutes={TRUNK_MINUTES:g}"
+    return argv
+
+
+def ship(args: argparse.Namespace) -> None:
+    """The candidate and the shipped transformer on all of val, each decoding of SHIP_DECODINGS on each hole kind
+    (the shipped one's once per run folder); the table, each one's decoding chosen on val, and the verdict."""
+    layout = RunLayout(args.run)
+    candidate = args.candidate
+    if candidate is None:
+        sitting = layout.read_sitting()
+        if "cooldown" not in sitting:
+            raise UserError(f"{args.run}: no sitting has branched a cooldown here; pass --candidate WEIGHTS.pt")
+        candidate = layout.root / sitting["cooldown"] / "transformer.pt"
+    if not candidate.is_file():
+        raise UserError(f"--candidate {candidate}: no such file; a sitting's report writes it for a cooldown that "
+                        f"beats the shipped transformer on its val subset, or pass --candidate WEIGHTS.pt")
+    models = {candidate.parent.name: model_flags(args, candidate.parent.name, candidate)}
+    models[shipped_name(args)] = model_flags(args, shipped_name(args), candidate)
+    folder = {(model, decoding, holes): layout.root / "ship" / model / f"{decoding}_{holes}"
+              for model in models for decoding in SHIP_DECODINGS for holes in HOLE_KINDS}
+    with Phases() as phases:
+        for (model, decoding, holes), output in folder.items():
+            if not fid_rows(output):
+                code, _ = phases.run(fid_command(args, models[model], holes, SHIP_DECODINGS[decoding], output),
+                                     math.inf)
+                check_phase("ship", code, False, phases)
+    fids: dict[str, dict[str, dict[str, float]]] = {}
+    for (model, decoding, holes), output in folder.items():
+        fids.setdefault(model, {}).setdefault(decoding, {})[holes] = next(iter(fid_rows(output).values()))
+    print(f"\nThe ship test: FID on {args.fid_partial:g} of val (lower is better); in bold the decoding chosen for "
+          f"each transformer (lowest sum)\n\n" + ship_table(fids))
+    ships, lines = ship_verdict(*fids.values())
+    print("\n" + "\n".join(lines))
+    if ships:
+        print(f"{candidate.parent.name} ships: commit it as pretrained/long_run/cooldown_N/ (docs/LONG_RUN.md, \"Ship "
+              f"it\"), point configs/MaskGit_demo.yml at it with its chosen decoding, and re-measure the README's "
+              f"test table and headline")
+    else:
+        print(f"{candidate.parent.name} does not ship: the shipped transformer stays")
 
 
 def plot(args: argparse.Namespace) -> None:
@@ -304,7 +380,8 @@ def run_sitting(args: argparse.Namespace, argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    return run_cli(lambda: plot(args) if args.command == "plot" else run_sitting(args, argv), debug=args.debug)
+    commands = {"sitting": lambda: run_sitting(args, argv), "ship": lambda: ship(args), "plot": lambda: plot(args)}
+    return run_cli(commands[args.command], debug=args.debug)
 
 
 if __name__ == "__main__":

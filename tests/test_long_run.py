@@ -126,6 +126,8 @@ def test_sitting_errors_are_one_line(tiny, tmp_path, capsys):
     assert "no trunk_state.pt" in err
     err = one_line_error(long_run.main, ["sitting", str(tmp_path / "run"), "--minutes", "-1"], capsys)
     assert "--minutes must not be negative" in err
+    err = one_line_error(long_run.main, ["ship", str(tmp_path / "run")], capsys)
+    assert "no sitting has branched a cooldown here" in err
 
 
 def test_a_cooldown_is_sized_by_the_median_step_so_a_slowed_stretch_does_not_shrink_it(tmp_path):
@@ -137,3 +139,48 @@ def test_a_cooldown_is_sized_by_the_median_step_so_a_slowed_stretch_does_not_shr
     step_seconds = training.long_run.seconds_per_step(trunk, since_step=50)
     assert step_seconds == pytest.approx(0.5 * (1 + training.long_run.VALIDATION_SHARE))
     assert training.long_run.cooldown_steps_for(10.0, step_seconds) == int((600 - 60) / step_seconds)
+
+
+def test_the_ship_test_measures_both_transformers_on_all_of_val_once_and_chooses_their_decodings(
+        tiny, two_sittings, capsys, monkeypatch):
+    run, _, _ = two_sittings
+    decodings = {k: training.long_run.SHIP_DECODINGS[k] for k in ("demo_g0", "lab")}
+    monkeypatch.setattr(long_run, "SHIP_DECODINGS", decodings)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    argv = ["ship", str(run), "--candidate", str(run / "cooldown_12" / "transformer_last.pt"), "--config",
+            str(tiny.maskgit_config), "--shipped-config", str(tiny.maskgit_config), "--shipped-transformer",
+            str(tiny.shipped), "--val_d_path", str(tiny.val_dir), "--fid-dims", "64"]
+    assert long_run.main(argv) == 0
+    out = capsys.readouterr().out
+    fids = {}
+    for model in ("cooldown_12", long_run.shipped_name(long_run.parse_args(argv))):
+        for decoding in decodings:
+            for holes in training.long_run.HOLE_KINDS:
+                measured = rows(run / "ship" / model / f"{decoding}_{holes}" / "results.csv")
+                assert len(measured) == 1 and measured[0]["images"] == "6"  # all of val
+                fids.setdefault(model, {}).setdefault(decoding, {})[holes] = float(measured[0]["fid"])
+    ships, lines = training.long_run.ship_verdict(*fids.values())
+    assert all(line in out for line in lines)
+    assert ("cooldown_12 ships" in out) == ships and ("does not ship" in out) != ships
+
+    def no_measuring(*args):
+        raise AssertionError("measured again")
+    monkeypatch.setattr(long_run.Phases, "run", no_measuring)
+    assert long_run.main(argv) == 0  # everything is measured: the table again, from the folders
+
+
+def test_the_ship_verdict_compares_each_transformer_at_its_own_decoding_on_both_hole_kinds():
+    shipped = {"demo_g10": {"boxes": 10.0, "strokes": 15.0}, "lab": {"boxes": 12.0, "strokes": 12.5}}
+    assert training.long_run.chosen_decoding(shipped) == "lab"  # 24.5 against 25.0: one decoding serves both
+    better_on_both = {"demo_g10": {"boxes": 11.0, "strokes": 12.0}, "lab": {"boxes": 20.0, "strokes": 20.0}}
+    assert training.long_run.ship_verdict(better_on_both, shipped)[0]  # 11.0 < 12.0 and 12.0 < 12.5
+    worse_on_strokes = {"demo_g10": {"boxes": 9.0, "strokes": 13.0}, "lab": {"boxes": 20.0, "strokes": 20.0}}
+    beats, lines = training.long_run.ship_verdict(worse_on_strokes, shipped)
+    assert not beats and lines[1] == "  strokes: 13.00 (demo_g10) against the shipped transformer's 12.50 (lab)"
+
+
+def test_the_next_sitting_after_a_branch_only_call_gets_a_trunk_budget_back():
+    assert long_run.next_sitting(["sitting", "R", "--minutes", "0", "--cooldown-minutes", "33"]) == \
+        ["sitting", "R", "--minutes", "100", "--cooldown-minutes", "33"]
+    assert long_run.next_sitting(["sitting", "R", "--minutes=0"]) == ["sitting", "R", "--minutes=100"]
+    assert long_run.next_sitting(["sitting", "R", "--minutes", "80"]) == ["sitting", "R", "--minutes", "80"]

@@ -33,8 +33,7 @@ from models.VQGAN import VQGAN, load_vqgan_config
 from models.VQGAN_Transformer import MaskGit, decoding_choices, load_maskgit_config
 from sampler.maskgit_sampler import inpaint
 from training.campaign_files import (HOLE_SETS, RESULTS_RESERVE, RETURN_FILE_BYTES, RETURN_FILES, RETURN_TOTAL_BYTES,
-                                     WEIGHTS_PREFIX, Results, fill_bytes_bound, fp16_weights, hole_set, pair_state,
-                                     save_fill)
+                                     WEIGHTS_PREFIX, Results, fill_bytes_bound, hole_set, pair_state, save_fill)
 from training.time_budget import Budget, BudgetSchedule, LossLog
 from training.augment import DEFAULT_AUGMENT
 from training.train_masks import DEFAULT_HOLE_MASK_PROB, DEFAULT_TRAIN_MASKS
@@ -43,7 +42,7 @@ from training.transformer import validate as token_validate
 from training.vqgan import VQGANTrainer, images_to_device, random_hflip
 from training.vqgan import validate as vqgan_validate
 from utils.cat_faces import CatFaces, dataset_identity, list_images, split_dataset
-from utils.checkpoint import atomic_save, load_state_dict_strict, save_shards
+from utils.checkpoint import atomic_save, half_state, load_state_dict_strict, save_shards
 from utils.cli import TrainingStopped
 from utils.config import resolve_path
 from utils.data import InpaintingTestSet
@@ -197,7 +196,7 @@ def train_vqgan(rec: dict[str, Any], s: Settings, data: FacesAndHoles, interrupt
     log.flush(trainer.step)
     rec.update(steps=trainer.step, train_seconds=round(seconds, 2), images_per_s=trainer.step * bs / seconds,
                epochs=trainer.step * bs / len(train), losses=log.rows)
-    weights = fp16_weights(trainer.model)
+    weights = half_state(trainer.model.state_dict())
     del trainer, train
     model = VQGAN(cfg)
     load_state_dict_strict(model, weights, source="the trained VQGAN")
@@ -269,7 +268,7 @@ def train_transformer(rec: dict[str, Any], s: Settings, tokenized: Tokenized, in
     steps = trainer.progress.step
     rec.update(steps=steps, train_seconds=round(seconds, 2), images_per_s=steps * bs / seconds,
                epochs=steps * bs / len(data.train), losses=log.rows)
-    weights = fp16_weights(trainer.ema.module)
+    weights = half_state(trainer.ema.module.state_dict())
     load_state_dict_strict(maskgit.transformer, weights, source="the trained transformer")
     del trainer
     maskgit.eval()

@@ -146,11 +146,6 @@ def load_fill(path: Path, ground_truth: np.ndarray) -> tuple[np.ndarray, np.ndar
     return images, holes
 
 
-def fp16_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The module's state_dict in fp16 on the CPU (floating tensors only; integer buffers keep their dtype)."""
-    return {k: (v.half() if v.is_floating_point() else v).detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
 def pair_state(vqgan: dict[str, torch.Tensor], transformer: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The one state_dict that the weight shards hold: the VQGAN's tensors under "vqgan.", the transformer's under
     "transformer." (load_pair splits it again)."""

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 import torch
 
 from training.run_logs import RunFolder
-from utils.checkpoint import atomic_save, atomic_write
+from utils.checkpoint import atomic_save, atomic_write, half_state
 from utils.cli import EXIT_INTERRUPTED
 from utils.train_utils import atomic_write_text
 
@@ -38,6 +38,14 @@ RECIPE = ["--schedule", "wsd", "--train-masks", "mix", "--hole-mask-prob", "0.5"
 DEMO_DECODING = ["--mask-funcs", "linear", "--total-iters", "8", "--decodings", "sample", "--temperatures", "1:0.1",
                  "--choice-temperatures", "4.5", "--seam-blends", "on", "--orderings", "confidence"]
 GUIDANCES = ("10", "0")
+# the decodings the ship test chooses among on all of val: the demo decoding with and without pixel guidance, and the
+# lab's (cosine, argmax tokens, no guidance, no seam blend)
+SHIP_DECODINGS = {
+    "demo_g10": DEMO_DECODING + ["--pixel-guidances", "10"],
+    "demo_g0": DEMO_DECODING + ["--pixel-guidances", "0"],
+    "lab": ["--mask-funcs", "cosine", "--total-iters", "8", "--decodings", "argmax", "--seam-blends", "off",
+            "--orderings", "confidence", "--pixel-guidances", "0"],
+}
 HOLE_KINDS = ("boxes", "strokes")
 VAL_SUBSET = 0.33  # the first third of val (258 of 781 images): the cooldowns' FID, the ship test takes all 781
 LOGS = ("log.csv", "train_steps.csv", "sittings.csv")
@@ -161,8 +169,7 @@ class Phases:
 
 def write_fp16(weights: Path, target: Path) -> None:
     """The fp16 copy of a state_dict file: what a shipped transformer is committed as (half the bytes)."""
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    atomic_save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, target)
+    atomic_save(half_state(torch.load(weights, map_location="cpu", weights_only=True)), target)
 
 
 def fid_rows(folder: Path) -> dict[str, float]:
@@ -213,6 +220,38 @@ def verdict(row: dict[str, object]) -> tuple[bool, list[str]]:
         lines.append(f"  {holes}: {best:.2f} (best of guidance {', '.join(GUIDANCES)}) against the shipped "
                      f"transformer's {shipped:.2f}")
     return beats, lines
+
+
+def chosen_decoding(fids: dict[str, dict[str, float]]) -> str:
+    """The decoding (of SHIP_DECODINGS) with the lowest FID summed over the hole kinds: one config serves both."""
+    return min(fids, key=lambda decoding: sum(fids[decoding][holes] for holes in HOLE_KINDS))
+
+
+def ship_verdict(candidate: dict[str, dict[str, float]],
+                 shipped: dict[str, dict[str, float]]) -> tuple[bool, list[str]]:
+    """Whether the candidate, with its decoding chosen on val, beats the shipped transformer with its own on both
+    hole types (FIDs by decoding, then hole kind), and a line per hole type."""
+    mine, theirs = chosen_decoding(candidate), chosen_decoding(shipped)
+    lines, beats = [], True
+    for holes in HOLE_KINDS:
+        beats &= candidate[mine][holes] < shipped[theirs][holes]
+        lines.append(f"  {holes}: {candidate[mine][holes]:.2f} ({mine}) against the shipped transformer's "
+                     f"{shipped[theirs][holes]:.2f} ({theirs})")
+    return beats, lines
+
+
+def ship_table(fids: dict[str, dict[str, dict[str, float]]]) -> str:
+    """FID by transformer and decoding, each transformer's chosen decoding in bold."""
+    lines = ["| transformer | decoding | " + " | ".join(f"FID val {h}" for h in HOLE_KINDS) + " | sum |",
+             "| --- | --- | " + " | ".join("---:" for _ in HOLE_KINDS) + " | ---: |"]
+    for model, by_decoding in fids.items():
+        chosen = chosen_decoding(by_decoding)
+        for decoding, by_holes in by_decoding.items():
+            cells = [f"{by_holes[h]:.2f}" for h in HOLE_KINDS] + [f"{sum(by_holes.values()):.2f}"]
+            if decoding == chosen:
+                cells = [f"**{c}**" for c in cells]
+            lines.append(f"| {model} | {decoding} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def gap_advice(rows: list[dict[str, str]]) -> str | None:

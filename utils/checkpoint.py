@@ -83,6 +83,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], durable: b
         raise
 
 
+def half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state_dict in fp16 on the CPU, as trained weights are committed (half the bytes); integer buffers keep
+    their dtype."""
+    return {k: (v.half() if v.is_floating_point() else v).detach().cpu().clone() for k, v in state.items()}
+
+
 def atomic_save(obj: Any, path: str | Path) -> None:
     """torch.save through atomic_write: a checkpoint on disk is always complete. The temporary file of a run
     killed while writing `path` (as large as the checkpoint) is removed by the next successful save."""

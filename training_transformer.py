@@ -4,9 +4,9 @@ The frozen VQGAN tokenizes the train/val images once (training/token_cache.py: c
 or the VQGAN weights change); training then only sees token ids. Each step masks ceil(gamma(r)*N) tokens per
 image (r ~ U(0,1)) and minimizes the cross-entropy on the masked positions; --train-masks strokes/boxes/mix masks
 part of a stroke or box hole instead, in every image or (mix) in a share --hole-mask-prob of them
-(training/train_masks.py). --augment shift moves and rescales each training image a little and tokenizes it on the
-fly (training/augment.py); a config with pixel_conditioning also feeds the transformer the known pixels of every
-token's patch (models/Transformer).
+(training/train_masks.py). --augment shift moves and rescales each training image a little, in one of a few
+jitters per image whose token grids are cached beside the token cache (training/augment.py); a config with
+pixel_conditioning also feeds the transformer the known pixels of every token's patch (models/Transformer).
 
     python training_transformer.py              # configs/MaskGit_small_gan.yml on the shipped VQGAN: a CPU finishes it
     python training_transformer.py --resume     # continue it after a stop
@@ -46,8 +46,9 @@ import torch
 
 from models.Transformer import BidirectionalTransformer
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config
+from training.augment import ensure_shifted_tokens, shifted_cache_path
 from training.token_cache import ensure_token_cache, image_dataset
-from training.transformer import (LOG_FIELDS, TokenData, TransformerTrainer, check_resume, fill_defaults,
+from training.transformer import (LOG_FIELDS, TokenData, TransformerTrainer, check_resume, fill_defaults, image_tensor,
                                   training_parser, trains_on_images)
 from utils.checkpoint import ensure_writable_dir, load_state_dict_strict, load_training_state, load_weights
 from utils.cli import UserError, run_cli
@@ -119,6 +120,15 @@ def tokenize_images(args: argparse.Namespace, env: DistEnv, maskgit: MaskGit, cf
     return cache_path
 
 
+def tokenize_shifted(args: argparse.Namespace, env: DistEnv, maskgit: MaskGit, cache_path: Path,
+                     train_images: np.ndarray) -> Path:
+    """The cache of jittered token grids for --augment shift, beside the token cache (rank 0 builds it)."""
+    path = shifted_cache_path(cache_path)
+    on_main_then_share(env, lambda: ensure_shifted_tokens(maskgit.vqgan, cache_path, image_tensor(train_images),
+                                                          env.device, args.batch_size, verbose=env.is_main))
+    return path
+
+
 def training_images(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
     """The uint8 train and val images (the token cache's, in its order) for pixel conditioning and --augment."""
     return image_dataset(args.train_d_path, "train").images, image_dataset(args.val_d_path, "val").images
@@ -147,12 +157,10 @@ def _train(args: argparse.Namespace, env: DistEnv) -> tuple[BidirectionalTransfo
     if args.cache_only:
         say(f"token cache ready: {cache_path}")
         return None
-    if args.augment == "shift":  # the jittered images are tokenized every step
-        maskgit.vqgan.to(env.device)
-    else:
-        maskgit.vqgan.cpu()  # never used again in this run
     images = training_images(args) if trains_on_images(maskgit.transformer, args.augment) else None
-    data = TokenData.from_cache(cache_path, maskgit, args.partial, args.seed, env.device, images)
+    shifted = tokenize_shifted(args, env, maskgit, cache_path, images[0]) if args.augment == "shift" else None
+    maskgit.vqgan.cpu()  # never used again in this run
+    data = TokenData.from_cache(cache_path, maskgit, args.partial, args.seed, env.device, images, shifted)
 
     cooldown_start = state.get("cooldown_start", state["step"]) if args.cooldown_steps else None
     trainer = TransformerTrainer(maskgit, data, args, cfg, env, out, cooldown_start=cooldown_start)

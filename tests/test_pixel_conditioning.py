@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,11 +12,14 @@ import yaml
 from tiny_maskgit import TINY_TRANSFORMER, brush_masks, make_tiny_setup, make_tiny_setup_with_cache, one_line_error
 
 import training_transformer
+from training_transformer import training_images
 from models.Transformer import BidirectionalTransformer
 from models.Transformer.transformer import known_pixel_patches
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config
 from sampler.maskgit_sampler import inpaint
 from training import augment
+from training.token_cache import encode_tokens
+from training.transformer import image_tensor, normalized
 from utils.checkpoint import load_training_state, load_weights
 from utils.config import ConfigError
 
@@ -92,8 +96,7 @@ def test_a_config_switch_that_is_not_a_bool_is_refused(tmp_path):
 def test_jitter_shifts_by_whole_pixels_within_three_and_zooms_inside_the_image(monkeypatch):
     images = torch.rand(64, 3, 64, 64)
     monkeypatch.setattr(augment, "ZOOM_PROB", 0.0)
-    torch.manual_seed(0)
-    moved = augment.jitter(images)
+    moved = augment.jitter(images, augment.draw_jitters(64, torch.Generator().manual_seed(0)))
     shifts = set()
     for original, out in zip(images, moved):
         found = [(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)
@@ -103,7 +106,7 @@ def test_jitter_shifts_by_whole_pixels_within_three_and_zooms_inside_the_image(m
         shifts.add(found[0])
     assert len(shifts) > 20  # most of the 49 shifts occur
     monkeypatch.setattr(augment, "ZOOM_PROB", 1.0)
-    zoomed = augment.jitter(images)
+    zoomed = augment.jitter(images, augment.draw_jitters(64))
     assert zoomed.min() >= images.min() and zoomed.max() <= images.max()  # convex combinations of pixels
     assert not torch.allclose(zoomed, images)
 
@@ -153,6 +156,33 @@ def test_a_trunk_without_conditioning_continues_with_it_and_with_shifts(tiny, tm
                           "--schedule", "wsd", "--train-masks", "mix", "--token-cache", str(tiny.cache),
                           "--batch-size", "4", "--warmup-steps", "2", "--learning-rate", "1e-3"], capsys)
     assert "--augment was shift in the saved run, now flip" in err
+
+
+
+def test_shifted_grids_are_cached_once_and_are_the_tokens_of_the_pixels_a_step_sees(tiny, tmp_path):
+    cache = augment.shifted_cache_path(tiny.cache)
+    cache.unlink(missing_ok=True)
+    assert run(tiny, tmp_path / "a", tiny.pixel_config, "--max-steps", 2, "--augment", "shift") == 0
+    built = cache.stat().st_mtime_ns
+    tokens, jitters = augment.load_shifted_tokens(cache)
+    images = image_tensor(training_images(SimpleNamespace(train_d_path=tiny.train_dir,
+                                                          val_d_path=tiny.train_dir))[0])
+    n = len(images)
+    assert tokens.shape == (augment.SHIFT_VARIANTS, 2 * n, 256) and jitters.shape == (augment.SHIFT_VARIANTS, 2 * n, 3)
+    # what a step feeds the transformer: the sequence's pixels (flipped for r >= n), jittered by the variant's
+    # jitter, and as targets that very image's tokens
+    vqgan = MaskGit(load_maskgit_config(tiny.pixel_config)).vqgan.eval()
+    for v, r in ((0, 1), (augment.SHIFT_VARIANTS - 1, n + 2)):
+        pixels = normalized(images[r % n][None], "train")
+        pixels = pixels.flip(-1) if r >= n else pixels
+        seen = augment.jitter(pixels, jitters[v, r][None])
+        assert torch.equal(encode_tokens(vqgan, seen, "none")[0], tokens[v, r].long())
+    assert len({tuple(t.tolist()) for t in tokens[:, 1]}) > 1  # the variants are other grids
+    # a second run reuses the cache, and continues the first exactly
+    assert run(tiny, tmp_path / "a", tiny.pixel_config, "--max-steps", 4, "--augment", "shift", "--resume") == 0
+    assert cache.stat().st_mtime_ns == built
+    assert run(tiny, tmp_path / "b", tiny.pixel_config, "--max-steps", 4, "--augment", "shift") == 0
+    assert step_losses(tmp_path / "a") == pytest.approx(step_losses(tmp_path / "b"), abs=1e-6)
 
 
 def test_inpaint_passes_the_masked_image_and_its_known_pixels_to_the_transformer(tiny):

@@ -63,7 +63,8 @@ def _token_dtype(vqgan: VQGAN) -> torch.dtype:
 
 
 @torch.no_grad()
-def _encode(vqgan: VQGAN, x: torch.Tensor, amp: str) -> torch.Tensor:
+def encode_tokens(vqgan: VQGAN, x: torch.Tensor, amp: str) -> torch.Tensor:
+    """Token ids [B, N] of normalized images x [B, 3, H, W], encoded under `amp` ("bf16" or "none")."""
     with autocast(x.device, amp):
         _, indices, _ = vqgan.encode(x)
     return indices.view(x.shape[0], -1)
@@ -71,24 +72,27 @@ def _encode(vqgan: VQGAN, x: torch.Tensor, amp: str) -> torch.Tensor:
 
 def bf16_agreement(vqgan: VQGAN, x: torch.Tensor, batch_size: int) -> float:
     """Fraction of tokens of the images x that bf16-autocast encoding assigns the same code as fp32."""
-    same = [(_encode(vqgan, b, "bf16") == _encode(vqgan, b, "none")).flatten() for b in x.split(batch_size)]
+    same = [(encode_tokens(vqgan, b, "bf16") == encode_tokens(vqgan, b, "none")).flatten() for b in x.split(batch_size)]
     return torch.cat(same).double().mean().item()
 
 
 def _encode_dataset(vqgan: VQGAN, dataset: ImageFolderDataset, device: torch.device, amp: str, flip: bool,
                     batch_size: int, num_workers: int, desc: str, verbose: bool
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    # a generator of its own: the loader's seed would otherwise be drawn from torch's RNG, and a run that builds
+    # its cache would train on other random draws than one that finds it
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        generator=torch.Generator())
     plain, flipped = [], []
     try:
         for x in tqdm(loader, desc=desc, unit="batch", disable=not verbose, dynamic_ncols=True):
             x = x.to(device, non_blocking=True)
             if flip:  # original and flipped images share one forward pass
-                tokens = _encode(vqgan, torch.cat([x, x.flip(-1)]), amp).cpu()
+                tokens = encode_tokens(vqgan, torch.cat([x, x.flip(-1)]), amp).cpu()
                 plain.append(tokens[:len(x)])
                 flipped.append(tokens[len(x):])
             else:
-                plain.append(_encode(vqgan, x, amp).cpu())
+                plain.append(encode_tokens(vqgan, x, amp).cpu())
     except ValueError as e:  # an unreadable image; from a worker the message ends with the original one
         raise UserError(str(e).strip().splitlines()[-1].removeprefix("ValueError: ")) from e
     dtype = _token_dtype(vqgan)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from models.Transformer import BidirectionalTransformer
 from models.VQGAN_Transformer import MaskGit, masked_correct
 from sampler.latent_mask import pixel_known_of_tokens
-from training.augment import AUGMENTATIONS, DEFAULT_AUGMENT, jitter
+from training.augment import AUGMENTATIONS, DEFAULT_AUGMENT, jitter, load_shifted_tokens
 from training.token_cache import load_token_cache
 from training.train_masks import (DEFAULT_HOLE_MASK_PROB, DEFAULT_TRAIN_MASKS, TRAIN_MASKS, TrainingMasks,
                                   latent_holes, val_holes)
@@ -136,7 +136,8 @@ def training_parser() -> OneLineParser:
                    help="with --train-masks mix: the probability that a sample is masked inside a hole")
     p.add_argument("--augment", choices=list(AUGMENTATIONS), default=DEFAULT_AUGMENT,
                    help="flip: the token cache's images and their mirror images; shift: each also moved by up to 3 "
-                        "pixels and zoomed by up to 10 %%, tokenized on the fly (training/augment.py)")
+                        "pixels and zoomed by up to 10 %%, in one of a few jitters per image tokenized once "
+                        "(training/augment.py)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (0: off)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights, used for validation and saved")
     p.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto",
@@ -195,8 +196,9 @@ class TokenData:
     for: drawing the strokes takes seconds) whole-hole masks (training.train_masks.val_holes).
 
     With images (pixel conditioning or --augment shift): `train_images` uint8 [n, 3, H, W], the subset's images
-    (sequence r >= n is image r - n flipped), `val_images` and the val holes' known pixels `val_hole_known`; and
-    `encoder_amp`, the precision the token cache was encoded in, which on-the-fly encoding keeps."""
+    (sequence r >= n is image r - n flipped), `val_images` and the val holes' known pixels `val_hole_known`. With
+    --augment shift: `shifted` [V, 2n, N], the cached jittered token grids of each training sequence, and
+    `shift_jitters` [V, 2n, 3], their jitters (training.augment)."""
     train: torch.Tensor
     val_target: torch.Tensor
     val_mask: torch.Tensor
@@ -204,24 +206,29 @@ class TokenData:
     train_images: torch.Tensor | None = None
     val_images: torch.Tensor | None = None
     val_hole_known: torch.Tensor | None = None
-    encoder_amp: str = "none"
+    shifted: torch.Tensor | None = None
+    shift_jitters: torch.Tensor | None = None
 
     @classmethod
     def from_cache(cls, cache_path: str | Path, maskgit: MaskGit, partial: float, seed: int, device: torch.device,
-                   images: tuple[np.ndarray, np.ndarray] | None = None) -> "TokenData":
-        """A token cache's tokens, with both kinds of val masks (training_transformer.py logs both), and with
-        `images` (the uint8 train and val images the cache was built from) the pixels."""
+                   images: tuple[np.ndarray, np.ndarray] | None = None,
+                   shifted_path: str | Path | None = None) -> "TokenData":
+        """A token cache's tokens, with both kinds of val masks (training_transformer.py logs both), with `images`
+        (the uint8 train and val images the cache was built from) the pixels, and with `shifted_path` (its
+        training.augment.ensure_shifted_tokens) the jittered grids."""
         cache = load_token_cache(cache_path)
-        data = cls.from_tokens(cache.train, cache.train_flip, cache.val, maskgit, partial, seed, device, holes=True,
-                               images=images)
-        return replace(data, encoder_amp="bf16" if cache.encoder_precision == "bf16" else "none")
+        shifted = load_shifted_tokens(shifted_path) if shifted_path else None
+        return cls.from_tokens(cache.train, cache.train_flip, cache.val, maskgit, partial, seed, device, holes=True,
+                               images=images, shifted=shifted)
 
     @classmethod
     def from_tokens(cls, train: torch.Tensor, train_flip: torch.Tensor, val: torch.Tensor, maskgit: MaskGit,
                     partial: float, seed: int, device: torch.device, holes: bool = False,
-                    images: tuple[np.ndarray, np.ndarray] | None = None) -> "TokenData":
+                    images: tuple[np.ndarray, np.ndarray] | None = None,
+                    shifted: tuple[torch.Tensor, torch.Tensor] | None = None) -> "TokenData":
         """Token ids of train, of its mirror images and of val (e.g. a token cache's, or tokens made in memory),
-        and optionally their uint8 images (train, val) [N, H, W, 3]."""
+        optionally their uint8 images (train, val) [N, H, W, 3] and the jittered grids of train and its mirror
+        images with their jitters (training.augment.load_shifted_tokens)."""
         subset = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
         subset = subset[:max(1, round(partial * len(train)))].to(train.device)
         for tokens, pixels in zip((train, val), images or ()):
@@ -230,8 +237,16 @@ class TokenData:
                                 f"built from other images; pass the folders it was built from")
         data = cls.for_validation(val, maskgit, device, holes, images[1] if images else None)
         train_images = image_tensor(images[0])[subset.cpu()].to(device) if images else None
-        return replace(data, train=torch.cat([train[subset], train_flip[subset]]).to(device),
+        data = replace(data, train=torch.cat([train[subset], train_flip[subset]]).to(device),
                        train_images=train_images)
+        if shifted is None:
+            return data
+        tokens, jitters = shifted
+        if tokens.shape[1] != 2 * len(train):
+            raise UserError(f"the shifted token cache has {tokens.shape[1]} training sequences against the token "
+                            f"cache's {2 * len(train)}: delete it to rebuild it")
+        sequences = torch.cat([subset, subset + len(train)]).cpu()
+        return replace(data, shifted=tokens[:, sequences].to(device), shift_jitters=jitters[:, sequences].to(device))
 
     @classmethod
     def for_validation(cls, val: torch.Tensor, maskgit: MaskGit, device: torch.device, holes: bool = False,
@@ -389,6 +404,9 @@ class TransformerTrainer:
         if trains_on_images(self.model, args.augment) and data.train_images is None:
             raise UserError("pixel conditioning and --augment shift train on images: load the data with them "
                             "(TokenData.from_cache(..., images=...))")
+        if args.augment == "shift" and data.shifted is None:
+            raise UserError("--augment shift trains on cached jittered grids: load the data with them "
+                            "(TokenData.from_cache(..., shifted_path=...))")
 
     @property
     def last_step(self) -> int | None:
@@ -477,7 +495,7 @@ class TransformerTrainer:
     @torch.no_grad()
     def batch(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The target tokens [B, N] of these training sequences and, when the step needs them, their normalized
-        images [B, 3, H, W]; with --augment shift both come from the jittered images (training.augment)."""
+        images [B, 3, H, W]; with --augment shift both are those of one cached jitter of each (training.augment)."""
         data = self.data
         if data.train_images is None:
             return data.train[rows].long(), None
@@ -486,9 +504,8 @@ class TransformerTrainer:
         images = torch.where((rows >= n)[:, None, None, None], images.flip(-1), images)
         if self.args.augment != "shift":
             return data.train[rows].long(), images
-        images = jitter(images)
-        with autocast(self.env.device, data.encoder_amp):
-            return self.maskgit.encode_to_z(images)[1], images
+        variant = torch.randint(len(data.shifted), (len(rows),), device=rows.device)
+        return data.shifted[variant, rows].long(), jitter(images, data.shift_jitters[variant, rows])
 
     def optimizer_step(self, order: torch.Tensor, interrupt: GracefulInterrupt) -> tuple[float, bool]:
         """One optimizer step over --accum-grad micro-batches of the epoch order -> (loss averaged over ranks,

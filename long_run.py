@@ -39,9 +39,10 @@ from training.long_run import (DEMO_DECODING, GUIDANCES, HOLE_KINDS, LOGS, PLATE
                                copy_atomically, fid_rows, gains_per_cpu_hour, gap_advice, last_step, plot_run,
                                read_cooldowns, run_tables, seconds_per_step, ship_table, ship_verdict, verdict,
                                write_fp16)
+from training.augment import AUGMENTATIONS, DEFAULT_AUGMENT
 from training.run_logs import RunFolder
 from training.transformer import COMPACT_STATE_NAME
-from utils.checkpoint import ensure_writable_dir
+from utils.checkpoint import ensure_writable_dir, load_training_state
 from utils.cli import EXIT_INTERRUPTED, OneLineParser, TrainingStopped, UserError, run_cli
 
 REPO = Path(__file__).resolve().parent
@@ -73,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the committed folder: the trunk's compact state and logs, continued in a new run folder "
                         "and written back after the trunk phase; cooldowns.csv")
     s.add_argument("--figure", type=Path, default=Path("docs/long_run.png"), help="the run's curves, redrawn")
-    s.add_argument("--augment", choices=["flip", "shift"], default=None,
+    s.add_argument("--augment", choices=list(AUGMENTATIONS), default=None,
                    help="the trunk's augmentation from this sitting on (default: as it was)")
     s.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto", help="training precision")
     s.add_argument("--train_d_path", default="./cat_face/train/")
@@ -141,17 +142,16 @@ def start_trunk(args: argparse.Namespace, layout: RunLayout) -> list[str]:
 
 
 def trunk_phase(args: argparse.Namespace, layout: RunLayout, phases: Phases, deadline: float) -> dict:
-    """Continue the trunk until its budget, write its compact state and logs into --from; returns the cooldown to
-    branch."""
+    """Continue the trunk until its budget (with --augment, else the augmentation its state was trained with), write
+    its compact state and logs into --from; returns the cooldown to branch."""
     resume = start_trunk(args, layout)
+    augment = args.augment or load_training_state(resume[1])["args"].get("augment", DEFAULT_AUGMENT)
     first = last_step(layout.trunk)
     minutes = (deadline - time.monotonic()) / 60.0 - 0.5
     if minutes > 0.1 or args.trunk_steps:
-        extra = [*resume, "--max-minutes", f"{max(minutes, 0.1):.2f}"]
+        extra = [*resume, "--max-minutes", f"{max(minutes, 0.1):.2f}", "--augment", augment]
         if args.trunk_steps:
             extra += ["--max-steps", first + args.trunk_steps]
-        if args.augment:
-            extra += ["--augment", args.augment]
         code, out_of_time = phases.run(training_command(args, layout.trunk, *extra), deadline)
         write_back_trunk(args, layout)
         check_phase("trunk", code, out_of_time, phases)
@@ -163,7 +163,8 @@ def trunk_phase(args: argparse.Namespace, layout: RunLayout, phases: Phases, dea
         step_seconds = seconds_per_step(layout.trunk, int(sittings[-1]["first_step"]) if sittings else 0)
         steps = cooldown_steps_for(args.cooldown_minutes, step_seconds)
         print(f"trunk at step {branch}: {step_seconds:.3f} s per step -> a cooldown of {steps} steps", flush=True)
-    return {"phase": "cooldown", "cooldown": f"cooldown_{branch}", "branch": branch, "steps": steps}
+    return {"phase": "cooldown", "cooldown": f"cooldown_{branch}", "branch": branch, "steps": steps,
+            "augment": augment}
 
 
 def write_back_trunk(args: argparse.Namespace, layout: RunLayout) -> None:
@@ -176,7 +177,8 @@ def write_back_trunk(args: argparse.Namespace, layout: RunLayout) -> None:
 
 def cooldown_phase(args: argparse.Namespace, layout: RunLayout, phases: Phases, sitting: dict,
                    deadline: float) -> bool:
-    """Train (or finish) the sitting's cooldown branch; False if its budget ran out first (continued next call)."""
+    """Train (or finish) the sitting's cooldown branch, with the trunk's augmentation; False if its budget ran out
+    first (continued next call)."""
     folder = layout.root / sitting["cooldown"]
     if cooldown_finished(folder):
         return True
@@ -187,7 +189,7 @@ def cooldown_phase(args: argparse.Namespace, layout: RunLayout, phases: Phases, 
     minutes = (deadline - time.monotonic()) / 60.0
     code, out_of_time = phases.run(training_command(
         args, folder, *resume, "--cooldown-steps", sitting["steps"], "--token-cache", layout.trunk / "token_cache.pt",
-        "--max-minutes", f"{max(minutes, 0.1):.2f}"), deadline)
+        "--augment", sitting.get("augment", DEFAULT_AUGMENT), "--max-minutes", f"{max(minutes, 0.1):.2f}"), deadline)
     check_phase("cooldown", code, out_of_time, phases)
     finished = cooldown_finished(folder)
     if not finished:

@@ -2,6 +2,7 @@
 evaluation budget and continued by the next call, the trunk exact across them, and its one-line errors."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -17,7 +18,7 @@ from tiny_maskgit import REPO, make_tiny_setup, one_line_error, random_transform
 import long_run
 import training.long_run
 import training_transformer
-from utils.checkpoint import load_weights
+from utils.checkpoint import load_training_state, load_weights
 
 TRUNK_STEPS, COOLDOWN_STEPS = 4, 2
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -184,3 +185,18 @@ def test_the_next_sitting_after_a_branch_only_call_gets_a_trunk_budget_back():
         ["sitting", "R", "--minutes", "100", "--cooldown-minutes", "33"]
     assert long_run.next_sitting(["sitting", "R", "--minutes=0"]) == ["sitting", "R", "--minutes=100"]
     assert long_run.next_sitting(["sitting", "R", "--minutes", "80"]) == ["sitting", "R", "--minutes", "80"]
+
+
+def test_a_trunk_switched_to_shift_stays_on_it_and_its_cooldowns_train_with_it(tiny, two_sittings, tmp_path):
+    run, committed = tmp_path / "pixels", tmp_path / "committed"
+    shutil.copytree(two_sittings[0], run)
+    shutil.copytree(tiny.committed, committed)
+    tiny_from = copy.copy(tiny)
+    tiny_from.committed = committed
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("OMP_NUM_THREADS", "1")
+        assert sitting(tiny_from, run, "--augment", "shift") == 0
+        assert sitting(tiny_from, run) == 0  # no --augment: as the trunk was
+    for folder in ("trunk", "cooldown_16", "cooldown_20"):
+        assert load_training_state(run / folder / "training_state.pt")["args"]["augment"] == "shift", folder
+    assert (run / "trunk" / "shifted_tokens.pt").is_file()  # beside the token cache, which the cooldowns share

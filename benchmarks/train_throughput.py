@@ -35,6 +35,12 @@ per op makes its shares approximate; the step time and mfu_vs_matmul above come 
     python benchmarks/train_throughput.py --config configs/MaskGit_lab_small_vqgan.yml --batch-size 16  # lab size
     python benchmarks/train_throughput.py --config configs/MaskGit_small.yml --variants --compile
     python benchmarks/train_throughput.py --config configs/MaskGit_small_gan.yml --batch-size 32 --breakdown
+    python benchmarks/train_throughput.py --config configs/studies/small_gan_pixels.yml --batch-size 32 \
+        --train-masks mix --hole-mask-prob 0.5 --shift-cost --iters 40     # the long run's step; what shift costs
+
+--shift-cost times the step with --augment flip, then with --augment shift, whose cached jitters (training/augment.py)
+add a gather of one cached grid per sample and the resampling of its pixels; it prints their ratio less one:
+    shift_cost X.XXX
 """
 from __future__ import annotations
 
@@ -54,9 +60,11 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.Transformer import ADAMW_IMPLEMENTATIONS, BidirectionalTransformer  # noqa: E402
 from models.VQGAN_Transformer import MaskGit, load_maskgit_config  # noqa: E402
+from training.augment import SHIFT_VARIANTS, draw_jitters  # noqa: E402
 from training.transformer import (DEFAULT_CONFIG, TokenData, TransformerTrainer, fill_defaults,  # noqa: E402
-                                  training_parser)
+                                  training_parser, trains_on_images)
 from utils.cli import OneLineParser, run_cli  # noqa: E402
+from utils.image import IMAGE_SIZE  # noqa: E402
 from utils.precision import AMP_CHOICES, device_name, resolve_amp  # noqa: E402
 from utils.train_utils import DistEnv, GracefulInterrupt, seed_everything  # noqa: E402
 
@@ -92,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time the step with every AdamW implementation (for-loop, foreach, fused)")
     parser.add_argument("--compile", action="store_true",
                         help="with --variants: also torch.compile the forward (slow warm-up, not timed)")
+    parser.add_argument("--shift-cost", action="store_true",
+                        help="time the step with --augment flip, then with --augment shift (its cached jitters), and "
+                             "print the shift's share of a step")
     parser.add_argument("--breakdown", action="store_true",
                         help="then profile as many steps of the trainer's own variant: time per op and the matmuls' "
                              "ceiling on mfu_vs_matmul")
@@ -100,23 +111,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--iters and --batch-size must be >= 1, --warmup >= 0")
     if args.compile and not args.variants:
         parser.error("--compile is one of the --variants; pass both")
+    if args.shift_cost and args.variants:
+        parser.error("--shift-cost and --variants time different pairs; pass one")
     return run_cli(lambda: measure(args))
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to run the training step: the AdamW implementation (None: configure_optimizers' choice) and
-    whether the forward is torch.compile'd."""
+    """One way to run the training step: the AdamW implementation (None: configure_optimizers' choice), whether the
+    forward is torch.compile'd, and the augmentation (None: the flags')."""
     adamw: str | None
     compiled: bool = False
+    augment: str | None = None
 
     @property
     def label(self) -> str:
-        return f"{'compiled' if self.compiled else 'eager'} + AdamW {self.adamw or 'default'}"
+        return f"{'compiled' if self.compiled else 'eager'} + AdamW {self.adamw or 'default'}" + (
+            f" + augment {self.augment}" if self.augment else "")
 
 
 def variants(args: argparse.Namespace) -> list[Variant]:
     """The trainer's own step first (the baseline of the ratios), then the asked alternatives."""
+    if args.shift_cost:
+        return [Variant(None, augment="flip"), Variant(None, augment="shift")]
     if not args.variants:
         return [Variant(None)]
     eager = [Variant(None)] + [Variant(impl) for impl in ADAMW_IMPLEMENTATIONS]
@@ -159,8 +176,18 @@ def time_variant(variant: Variant, maskgit: MaskGit, initial: dict[str, torch.Te
     images, n = targs.batch_size * targs.accum_grad, maskgit.num_image_tokens
     total_steps = args.warmup + args.iters * (2 if profile else 1) + 1
     tokens = torch.randint(0, maskgit.transformer.num_codebook_vectors, (images * total_steps, n))
-    data = TokenData.from_tokens(tokens, tokens, tokens[:1], maskgit, 1.0, targs.seed, CPU)
     targs.compile = variant.compiled
+    targs.augment = variant.augment or targs.augment
+    pixels = shifted = None
+    if trains_on_images(maskgit.transformer, targs.augment):
+        pixels = torch.randint(0, 256, (len(tokens), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=torch.uint8).numpy()
+        pixels = (pixels, pixels[:1])
+    if targs.augment == "shift":  # random grids and jitters in place of the cache's: the same gathers and resampling
+        grids = (SHIFT_VARIANTS, 2 * len(tokens))
+        shifted = (torch.randint(0, maskgit.transformer.num_codebook_vectors, (*grids, n)),
+                   draw_jitters(grids[0] * grids[1]).view(*grids, 3))
+    data = TokenData.from_tokens(tokens, tokens, tokens[:1], maskgit, 1.0, targs.seed, CPU, images=pixels,
+                                 shifted=shifted)
     trainer = TransformerTrainer(maskgit, data, targs, {}, DistEnv(0, 1, CPU), out, adamw=variant.adamw)
     steps = trainer.steps_until(lambda: False, GracefulInterrupt(verbose=False))  # never entered: Ctrl-C stops it
     dtype = torch.bfloat16 if targs.amp == "bf16" else torch.float32
@@ -201,6 +228,8 @@ def measure(args: argparse.Namespace) -> None:
     for variant, timing in results[1:]:
         sec = statistics.median(timing.step_sec)
         print(f"{variant.label}: step {sec:.3f} s, {base / sec:.2f}x the speed of the default")
+    if args.shift_cost:
+        print(f"shift_cost {statistics.median(results[1][1].step_sec) / base - 1:+.3f} (of a step with flips, medians)")
     sec = sum(own.step_sec) / len(own.step_sec)
     peak = statistics.median(own.peaks)
     flops = matmul_flops_per_image(model, cfg) * b

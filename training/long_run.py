@@ -43,8 +43,8 @@ GUIDANCES = ("10", "0")
 SHIP_DECODINGS = {
     "demo_g10": DEMO_DECODING + ["--pixel-guidances", "10"],
     "demo_g0": DEMO_DECODING + ["--pixel-guidances", "0"],
-    "lab": ["--mask-funcs", "cosine", "--total-iters", "8", "--decodings", "argmax", "--seam-blends", "off",
-            "--orderings", "confidence", "--pixel-guidances", "0"],
+    "lab": ["--mask-funcs", "cosine", "--total-iters", "8", "--decodings", "argmax", "--choice-temperatures", "4.5",
+            "--seam-blends", "off", "--orderings", "confidence", "--pixel-guidances", "0"],
 }
 HOLE_KINDS = ("boxes", "strokes")
 VAL_SUBSET = 0.33  # the first third of val (258 of 781 images): the cooldowns' FID, the ship test takes all 781

@@ -293,13 +293,18 @@ def report_phase(args: argparse.Namespace, layout: RunLayout, sitting: dict, arg
     if len(gains) >= 2 and max(gains[-2:]) < PLATEAU_GAIN:
         print(f"plateau: the last two cooldowns gained {gains[-2]:.4f} and {gains[-1]:.4f} val loss per CPU-hour, "
               f"below {PLATEAU_GAIN}: more of the same compute buys little")
-    print("next sitting: python long_run.py " + " ".join(shlex.quote(a) for a in next_sitting(argv)))
+    print("next sitting: python long_run.py " + " ".join(shlex.quote(a) for a in next_sitting(argv, bool(advice))))
 
 
-def next_sitting(argv: list[str]) -> list[str]:
+def next_sitting(argv: list[str], shift: bool = False) -> list[str]:
     """This sitting's command for the next one; a sitting that only branched (--minutes 0) gives the trunk its
-    budget back."""
+    budget back, and with `shift` (the gap grew) the trunk switches to --augment shift."""
     argv = list(argv)
+    if shift:
+        argv = [a for a in argv if not a.startswith("--augment=")]
+        if "--augment" in argv:
+            del argv[argv.index("--augment"):argv.index("--augment") + 2]
+        argv += ["--augment", "shift"]
     for i, arg in enumerate(argv):
         if arg == "--minutes" and i + 1 < len(argv) and float(argv[i + 1]) == 0:
             argv[i + 1] = f"{TRUNK_MINUTES:g}"

@@ -180,11 +180,13 @@ def test_the_ship_verdict_compares_each_transformer_at_its_own_decoding_on_both_
     assert not beats and lines[1] == "  strokes: 13.00 (demo_g10) against the shipped transformer's 12.50 (lab)"
 
 
-def test_the_next_sitting_after_a_branch_only_call_gets_a_trunk_budget_back():
+def test_the_next_sitting_gets_a_trunk_budget_back_after_a_branch_only_call_and_shifts_when_the_gap_grew():
     assert long_run.next_sitting(["sitting", "R", "--minutes", "0", "--cooldown-minutes", "33"]) == \
         ["sitting", "R", "--minutes", "100", "--cooldown-minutes", "33"]
     assert long_run.next_sitting(["sitting", "R", "--minutes=0"]) == ["sitting", "R", "--minutes=100"]
     assert long_run.next_sitting(["sitting", "R", "--minutes", "80"]) == ["sitting", "R", "--minutes", "80"]
+    assert long_run.next_sitting(["sitting", "R", "--augment", "flip"], shift=True) == \
+        ["sitting", "R", "--augment", "shift"]
 
 
 def test_a_trunk_switched_to_shift_stays_on_it_and_its_cooldowns_train_with_it(tiny, two_sittings, tmp_path):

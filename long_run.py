@@ -34,12 +34,12 @@ import sys
 import time
 from pathlib import Path
 
+from training.augment import AUGMENTATIONS, DEFAULT_AUGMENT
 from training.long_run import (DEMO_DECODING, GUIDANCES, HOLE_KINDS, LOGS, PLATEAU_GAIN, RECIPE, SHIP_DECODINGS,
                                VAL_SUBSET, Phases, RunLayout, append_cooldown, cooldown_steps_for, cooldown_summary,
                                copy_atomically, fid_rows, gains_per_cpu_hour, gap_advice, last_step, plot_run,
                                read_cooldowns, run_tables, seconds_per_step, ship_table, ship_verdict, verdict,
                                write_fp16)
-from training.augment import AUGMENTATIONS, DEFAULT_AUGMENT
 from training.run_logs import RunFolder
 from training.transformer import COMPACT_STATE_NAME
 from utils.checkpoint import ensure_writable_dir, load_training_state

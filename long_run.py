@@ -141,12 +141,20 @@ def start_trunk(args: argparse.Namespace, layout: RunLayout) -> list[str]:
     return ["--resume-from", str(compact)]
 
 
+def trunk_state(args: argparse.Namespace, layout: RunLayout) -> Path:
+    """The state a cooldown branches from: the trunk's own, or (--minutes 0 on a fresh machine) the committed one."""
+    own = layout.trunk / "training_state.pt"
+    return own if own.is_file() else args.committed / COMPACT_STATE_NAME
+
+
 def trunk_phase(args: argparse.Namespace, layout: RunLayout, phases: Phases, deadline: float) -> dict:
     """Continue the trunk until its budget (with --augment, else the augmentation its state was trained with), write
     its compact state and logs into --from; returns the cooldown to branch."""
     resume = start_trunk(args, layout)
-    augment = args.augment or load_training_state(resume[1])["args"].get("augment", DEFAULT_AUGMENT)
-    first = last_step(layout.trunk)
+    state = load_training_state(resume[1])
+    augment = args.augment or state["args"].get("augment", DEFAULT_AUGMENT)
+    first = state["step"]
+    del state
     minutes = (deadline - time.monotonic()) / 60.0 - 0.5
     if minutes > 0.1 or args.trunk_steps:
         extra = [*resume, "--max-minutes", f"{max(minutes, 0.1):.2f}", "--augment", augment]
@@ -155,7 +163,7 @@ def trunk_phase(args: argparse.Namespace, layout: RunLayout, phases: Phases, dea
         code, out_of_time = phases.run(training_command(args, layout.trunk, *extra), deadline)
         write_back_trunk(args, layout)
         check_phase("trunk", code, out_of_time, phases)
-    branch = last_step(layout.trunk)
+    branch = load_training_state(trunk_state(args, layout))["step"]  # a stop may log a step its state lacks
     if args.cooldown_steps:
         steps = args.cooldown_steps
     else:
@@ -172,7 +180,8 @@ def write_back_trunk(args: argparse.Namespace, layout: RunLayout) -> None:
     for name in (COMPACT_STATE_NAME, *LOGS):
         if (layout.trunk / name).is_file():
             copy_atomically(layout.trunk / name, args.committed / name)
-    print(f"trunk state (step {last_step(layout.trunk)}) and logs written to {args.committed}: commit them", flush=True)
+    step = load_training_state(args.committed / COMPACT_STATE_NAME)["step"]
+    print(f"trunk state (step {step}) and logs written to {args.committed}: commit them", flush=True)
 
 
 def cooldown_phase(args: argparse.Namespace, layout: RunLayout, phases: Phases, sitting: dict,
@@ -182,10 +191,8 @@ def cooldown_phase(args: argparse.Namespace, layout: RunLayout, phases: Phases, 
     folder = layout.root / sitting["cooldown"]
     if cooldown_finished(folder):
         return True
-    trunk_state = layout.trunk / "training_state.pt"
-    if not trunk_state.is_file():  # --minutes 0 on a fresh machine: branch from the committed compact state
-        trunk_state = args.committed / COMPACT_STATE_NAME
-    resume = ["--resume"] if (folder / "training_state.pt").is_file() else ["--resume-from", trunk_state]
+    resume = ["--resume"] if (folder / "training_state.pt").is_file() else \
+        ["--resume-from", trunk_state(args, layout)]
     minutes = (deadline - time.monotonic()) / 60.0
     code, out_of_time = phases.run(training_command(
         args, folder, *resume, "--cooldown-steps", sitting["steps"], "--token-cache", layout.trunk / "token_cache.pt",

@@ -7,8 +7,11 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -202,3 +205,32 @@ def test_a_trunk_switched_to_shift_stays_on_it_and_its_cooldowns_train_with_it(t
     for folder in ("trunk", "cooldown_16", "cooldown_20"):
         assert load_training_state(run / folder / "training_state.pt")["args"]["augment"] == "shift", folder
     assert (run / "trunk" / "shifted_tokens.pt").is_file()  # beside the token cache, which the cooldowns share
+
+
+SAVING_CHILD = """
+import signal, sys, time
+terms = []
+signal.signal(signal.SIGTERM, lambda *_: terms.append(time.time()))
+started = time.time()
+while not terms and time.time() - started < 30:
+    time.sleep(0.05)
+time.sleep(2.5)  # saving its state, as training does after the step in progress; a second SIGTERM would abort it
+open(sys.argv[1], "w").write(str(len(terms)))
+sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("stop", ["ctrl-c", "deadline"])
+def test_a_phase_is_stopped_with_one_sigterm_so_that_it_saves(stop, tmp_path, monkeypatch):
+    """Training takes a second SIGTERM as "abort without saving": Ctrl-C and the deadline each send exactly one."""
+    sent, send = [], subprocess.Popen.send_signal
+    monkeypatch.setattr(subprocess.Popen, "send_signal", lambda child, sig: (sent.append(sig), send(child, sig)))
+    count = tmp_path / "terms"
+    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
+    with training.long_run.Phases() as phases:
+        if stop == "ctrl-c":
+            timer.start()
+        deadline = float("inf") if stop == "ctrl-c" else time.monotonic() + 1.0
+        code, out_of_time = phases.run([sys.executable, "-c", SAVING_CHILD, str(count)], deadline)
+    assert sent == [signal.SIGTERM] and count.read_text() == "1" and code == 130
+    assert (phases.interrupted, out_of_time) == ((True, False) if stop == "ctrl-c" else (False, True))

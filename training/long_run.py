@@ -122,6 +122,7 @@ class Phases:
     def __init__(self) -> None:
         self.interrupted = False
         self.child: subprocess.Popen | None = None
+        self.stopped_at: float | None = None  # when the child got its SIGTERM (a second one would abort its save)
 
     def __enter__(self) -> "Phases":
         self._old = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -139,7 +140,9 @@ class Phases:
         self._stop_child()
 
     def _stop_child(self) -> None:
-        if self.child is not None and self.child.poll() is None:
+        """One SIGTERM per child: training takes a second one as "abort without saving"."""
+        if self.child is not None and self.child.poll() is None and self.stopped_at is None:
+            self.stopped_at = time.monotonic()
             self.child.send_signal(signal.SIGTERM)
 
     def run(self, command: list[str], deadline: float) -> tuple[int, bool]:
@@ -148,21 +151,20 @@ class Phases:
         if self.interrupted:
             return EXIT_INTERRUPTED, False
         print("$ " + " ".join(command), flush=True)
+        self.stopped_at = None
         self.child = subprocess.Popen(command, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        stopped_at = None
         try:
             while self.child.poll() is None:
                 now = time.monotonic()
-                if stopped_at is None and (now >= deadline or self.interrupted):
+                if now >= deadline or self.interrupted:
                     self._stop_child()
-                    stopped_at = now
-                elif stopped_at is not None and now - stopped_at > STOP_GRACE_SECONDS:
+                if self.stopped_at is not None and now - self.stopped_at > STOP_GRACE_SECONDS:
                     self.child.kill()
                 try:
                     self.child.wait(timeout=1.0)
                 except subprocess.TimeoutExpired:
                     pass
-            return self.child.returncode, stopped_at is not None and not self.interrupted
+            return self.child.returncode, self.stopped_at is not None and not self.interrupted
         finally:
             self.child = None
 

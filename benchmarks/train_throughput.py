@@ -36,10 +36,11 @@ per op makes its shares approximate; the step time and mfu_vs_matmul above come 
     python benchmarks/train_throughput.py --config configs/MaskGit_small.yml --variants --compile
     python benchmarks/train_throughput.py --config configs/MaskGit_small_gan.yml --batch-size 32 --breakdown
     python benchmarks/train_throughput.py --config configs/studies/small_gan_pixels.yml --batch-size 32 \
-        --train-masks mix --hole-mask-prob 0.5 --shift-cost --iters 40     # the long run's step; what shift costs
+        --train-masks mix --hole-mask-prob 0.5 --shift-cost --iters 20     # the long run's step; what shift costs
 
---shift-cost times the step with --augment flip, then with --augment shift, whose cached jitters (training/augment.py)
-add a gather of one cached grid per sample and the resampling of its pixels; it prints their ratio less one:
+--shift-cost times the step with --augment flip and with --augment shift in alternated blocks of --iters steps,
+whose cached jitters (training/augment.py) add a gather of one cached grid per sample and the resampling of its
+pixels; it prints the ratio of the two medians less one:
     shift_cost X.XXX
 """
 from __future__ import annotations
@@ -71,6 +72,7 @@ from utils.train_utils import DistEnv, GracefulInterrupt, seed_everything  # noq
 CPU = torch.device("cpu")
 MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm")  # where the counted FLOPs are done
 TOP_OPS = 8  # ops listed by --breakdown
+SHIFT_COST_BLOCKS = 3  # --shift-cost: blocks of --iters steps with flips, then with shifts, this many times each
 
 
 def matmul_flops_per_image(model: BidirectionalTransformer, cfg: dict) -> float:
@@ -101,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true",
                         help="with --variants: also torch.compile the forward (slow warm-up, not timed)")
     parser.add_argument("--shift-cost", action="store_true",
-                        help="time the step with --augment flip, then with --augment shift (its cached jitters), and "
-                             "print the shift's share of a step")
+                        help="time the step with --augment flip and with --augment shift (its cached jitters) in "
+                             "alternated blocks, and print the shift's share of a step")
     parser.add_argument("--breakdown", action="store_true",
                         help="then profile as many steps of the trainer's own variant: time per op and the matmuls' "
                              "ceiling on mfu_vs_matmul")
@@ -132,8 +134,8 @@ class Variant:
 
 def variants(args: argparse.Namespace) -> list[Variant]:
     """The trainer's own step first (the baseline of the ratios), then the asked alternatives."""
-    if args.shift_cost:
-        return [Variant(None, augment="flip"), Variant(None, augment="shift")]
+    if args.shift_cost:  # alternated blocks, so that a drift in the machine's speed falls on both alike
+        return [Variant(None, augment=augment) for _ in range(SHIFT_COST_BLOCKS) for augment in ("flip", "shift")]
     if not args.variants:
         return [Variant(None)]
     eager = [Variant(None)] + [Variant(impl) for impl in ADAMW_IMPLEMENTATIONS]
@@ -229,7 +231,9 @@ def measure(args: argparse.Namespace) -> None:
         sec = statistics.median(timing.step_sec)
         print(f"{variant.label}: step {sec:.3f} s, {base / sec:.2f}x the speed of the default")
     if args.shift_cost:
-        print(f"shift_cost {statistics.median(results[1][1].step_sec) / base - 1:+.3f} (of a step with flips, medians)")
+        steps = {a: [t for v, timing in results if v.augment == a for t in timing.step_sec] for a in ("flip", "shift")}
+        print(f"shift_cost {statistics.median(steps['shift']) / statistics.median(steps['flip']) - 1:+.3f} (medians "
+              f"of {len(steps['flip'])} steps each, in {SHIFT_COST_BLOCKS} alternated blocks)")
     sec = sum(own.step_sec) / len(own.step_sec)
     peak = statistics.median(own.peaks)
     flops = matmul_flops_per_image(model, cfg) * b

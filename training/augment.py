@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.VQGAN import VQGAN
-from training.token_cache import encode_tokens
+from training.token_cache import cache_is_current, encode_tokens
 from utils.checkpoint import atomic_save
 from utils.image import normalize
 
@@ -75,12 +75,8 @@ def ensure_shifted_tokens(vqgan: VQGAN, token_cache: str | Path, train_images: t
     `train_images` uint8 [n, 3, H, W], then their flips), built unless it is there for this token cache."""
     cache = torch.load(token_cache, map_location="cpu", weights_only=True)
     key, path = _shift_key(cache["key"]), shifted_cache_path(token_cache)
-    if path.is_file():
-        try:
-            if torch.load(path, map_location="cpu", weights_only=True).get("key") == key:
-                return path
-        except Exception:  # unreadable: rebuild it
-            pass
+    if cache_is_current(path, key):
+        return path
     amp = "bf16" if cache["encoder_precision"] == "bf16" else "none"
     sequences = torch.cat([train_images, train_images.flip(-1)])
     jitters = draw_jitters(SHIFT_VARIANTS * len(sequences), torch.Generator().manual_seed(SHIFT_SEED))

@@ -99,6 +99,16 @@ def _encode_dataset(vqgan: VQGAN, dataset: ImageFolderDataset, device: torch.dev
     return torch.cat(plain).to(dtype), (torch.cat(flipped).to(dtype) if flip else None)
 
 
+def cache_is_current(path: str | Path, key: str) -> bool:
+    """Whether `path` holds a cache built with `key` (the key hashes the format and every input); an unreadable
+    file is not, and is rebuilt."""
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # missing or unreadable
+        return False
+    return isinstance(cache, dict) and cache.get("key") == key
+
+
 def ensure_token_cache(vqgan: VQGAN, vq_ckpt_path: str | Path, train_dir: str | Path, val_dir: str | Path,
                        cache_path: str | Path, device: torch.device, precision: str = "auto", batch_size: int = 64,
                        num_workers: int = 0, verbose: bool = True) -> bool:
@@ -110,14 +120,8 @@ def ensure_token_cache(vqgan: VQGAN, vq_ckpt_path: str | Path, train_dir: str | 
     """
     datasets = {"train": image_dataset(train_dir, "train"), "val": image_dataset(val_dir, "val")}
     key = cache_key(datasets, vq_ckpt_path, precision)
-    cache_path = Path(cache_path)
-    if cache_path.is_file():
-        try:
-            old = torch.load(cache_path, map_location="cpu", weights_only=True)
-            if isinstance(old, dict) and old.get("format") == CACHE_FORMAT and old.get("key") == key:
-                return False
-        except Exception:  # unreadable cache: rebuild it
-            pass
+    if cache_is_current(cache_path, key):
+        return False
 
     vqgan = vqgan.to(device).eval()
     agreement = None

@@ -215,11 +215,14 @@ def shipped_name(args: argparse.Namespace) -> str:
     return "shipped_" + hashlib.sha1(key).hexdigest()[:8]
 
 
-def model_flags(args: argparse.Namespace, model: str, weights: Path) -> list[str]:
-    """experiments.py's flags that load `model`: the shipped pair (shipped_HASH), or `weights` on the trunk's config."""
-    if model.startswith("shipped_"):
-        return ["--MaskGitConfig", args.shipped_config] + (
-            ["--load-transformer-ckpt-path", args.shipped_transformer] if args.shipped_transformer else [])
+def shipped_flags(args: argparse.Namespace) -> list[str]:
+    """experiments.py's flags that load the shipped pair."""
+    return ["--MaskGitConfig", args.shipped_config] + (
+        ["--load-transformer-ckpt-path", args.shipped_transformer] if args.shipped_transformer else [])
+
+
+def weights_flags(args: argparse.Namespace, weights: Path) -> list[str]:
+    """experiments.py's flags that load `weights` on the trunk's config."""
     return ["--MaskGitConfig", args.config, "--load-transformer-ckpt-path", str(weights)]
 
 
@@ -232,7 +235,10 @@ def fid_command(args: argparse.Namespace, loading: list[str], holes: str, decodi
 
 
 def cooldown_fid_command(args: argparse.Namespace, layout: RunLayout, model: str, holes: str) -> list[str]:
-    flags = model_flags(args, model, layout.root / model / "transformer_last.pt")
+    """The FID study of `model` (a cooldown of this run folder, or the shipped pair: shipped_HASH) with the demo
+    decoding at each of GUIDANCES."""
+    flags = shipped_flags(args) if model == shipped_name(args) else \
+        weights_flags(args, layout.root / model / "transformer_last.pt")
     return fid_command(args, flags, holes, ["--pixel-guidances", *GUIDANCES, *DEMO_DECODING],
                        layout.fid_folder(model, holes))
 
@@ -333,8 +339,7 @@ def ship(args: argparse.Namespace) -> None:
     if not candidate.is_file():
         raise UserError(f"--candidate {candidate}: no such file; a sitting's report writes it for a cooldown that "
                         f"beats the shipped transformer on its val subset, or pass --candidate WEIGHTS.pt")
-    models = {candidate.parent.name: model_flags(args, candidate.parent.name, candidate)}
-    models[shipped_name(args)] = model_flags(args, shipped_name(args), candidate)
+    models = {candidate.parent.name: weights_flags(args, candidate), shipped_name(args): shipped_flags(args)}
     folder = {(model, decoding, holes): layout.root / "ship" / model / f"{decoding}_{holes}"
               for model in models for decoding in SHIP_DECODINGS for holes in HOLE_KINDS}
     with Phases() as phases:

@@ -30,7 +30,7 @@ recipe the config is sized for), else to the lab-size recipe (training.transform
 Outputs in --checkpoint-path: transformer_epoch_N.pt and transformer_last.pt (EMA weights, plain state_dicts as
 the lab's inpainting loads them), transformer_raw_last.pt (raw weights), training_state.pt (everything --resume
 needs; trunk_state.pt too under wsd), log.csv (a row per epoch and per stop), train_steps.csv (a row per step),
-sittings.csv (the machine of each start), a copy of the config, token_cache.pt (unless --token-cache points
+sittings.csv (the machine and recipe of each start), a copy of the config, token_cache.pt (unless --token-cache points
 elsewhere).
 Exit codes: 0 done (or --max-steps reached), 1 non-finite loss or weights (nothing saved after it), 2 user error
 (one line; --debug for a traceback), 130 interrupted (Ctrl-C/SIGTERM) after saving a state that --resume continues.

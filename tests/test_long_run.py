@@ -2,9 +2,11 @@
 evaluation budget and continued by the next call, the trunk exact across them, and its one-line errors."""
 from __future__ import annotations
 
+import argparse
 import copy
 import csv
 import json
+import math
 import os
 import shutil
 import signal
@@ -13,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -21,6 +24,8 @@ from tiny_maskgit import REPO, make_tiny_setup, one_line_error, random_transform
 import long_run
 import training.long_run
 import training_transformer
+from training.run_logs import RunFolder
+from training.transformer import record_sitting
 from utils.checkpoint import load_training_state, load_weights
 
 TRUNK_STEPS, COOLDOWN_STEPS = 4, 2
@@ -234,3 +239,37 @@ def test_a_phase_is_stopped_with_one_sigterm_so_that_it_saves(stop, tmp_path, mo
         code, out_of_time = phases.run([sys.executable, "-c", SAVING_CHILD, str(count)], deadline)
     assert sent == [signal.SIGTERM] and count.read_text() == "1" and code == 130
     assert (phases.interrupted, out_of_time) == ((True, False) if stop == "ctrl-c" else (False, True))
+
+
+def test_the_trunk_trend_is_fitted_only_over_its_present_recipe():
+    """Two sittings logged before sittings.csv named the recipe, then two of a new config: val loss falls 1.0 per
+    doubling of CPU-hours before the switch at step 200 and 0.1 after it. The fit's window (the last two doublings,
+    from step 100) spans the switch; only the present recipe's validations may count."""
+    old = {"machine": "m", "threads": "1", "precision": "fp32"}
+    new = {**old, "config": "pixels.yml", "augment": "flip"}
+    sittings = [{**old, "first_step": "0"}, {**old, "first_step": "100", "config": "", "augment": ""},
+                {**new, "first_step": "200"}, {**new, "first_step": "300"}]
+    steps = [(k, 5.0, 36.0) for k in range(1, 401)]  # 0.01 CPU-hours a step
+
+    def val_loss(step: int) -> float:
+        doublings = math.log2(step / 100)
+        return 10.0 - doublings if step <= 200 else 3.0 - 0.1 * doublings
+    log = [{"step": str(k), "val_loss": str(val_loss(k)), "kind": "epoch"} for k in range(50, 401, 50)]
+    trunk = RunFolder("trunk", log, steps, sittings)
+    assert training.long_run.recipe_since(trunk) == 200
+    tables = training.long_run.run_tables(trunk, [])
+    assert "trunk val loss per doubling of CPU-hours: -0.1000 (fit from 1.00 to 4.00 CPU-hours, its recipe " \
+           "since step 200)" in tables
+    assert training.long_run.recipe_since(RunFolder("trunk", log, steps, sittings[:2])) == 0
+
+
+def test_a_sittings_file_from_before_the_recipe_columns_gains_them(tmp_path):
+    path = tmp_path / "sittings.csv"
+    path.write_text("started_utc,first_step,machine,threads,precision,processes\n2026-12-03T08:26:14,0,m,1,bf16,1\n")
+    env = SimpleNamespace(device=torch.device("cpu"), world_size=1)
+    args = argparse.Namespace(amp="none", MaskGitConfig="configs/studies/small_gan_pixels.yml", augment="shift")
+    record_sitting(path, 27688, env, args)
+    old, new = rows(path)
+    assert old["first_step"] == "0" and old["config"] == "" and old["augment"] == ""
+    assert new["first_step"] == "27688" and new["precision"] == "fp32"
+    assert (new["config"], new["augment"]) == ("small_gan_pixels.yml", "shift")

@@ -323,21 +323,37 @@ def loss_per_doubling(hours: list[float], losses: list[float]) -> tuple[float, f
     return float(np.polyfit(*zip(*fitted), 1)[0]), since
 
 
+def recipe_since(trunk: RunFolder) -> int:
+    """The first step of the trailing sittings that trained the last one's recipe (config and augmentation): a
+    change of model or data moves the loss curve, so the trunk's trend is fitted only after it. Sittings logged
+    before sittings.csv had these columns count as one recipe."""
+    def recipe(sitting: dict[str, str]) -> tuple[str, str]:
+        return sitting.get("config") or "", sitting.get("augment") or ""
+    recipes = [recipe(s) for s in trunk.sittings]
+    first = len(recipes) - 1
+    while first > 0 and recipes[first - 1] == recipes[-1]:
+        first -= 1
+    return int(trunk.sittings[first]["first_step"])
+
+
 def run_tables(trunk: RunFolder, cooldowns: list[dict[str, str]]) -> str:
-    """The sittings, the resumes, the cooldowns and the trunk's val loss per doubling of its CPU-hours."""
+    """The sittings, the resumes, the cooldowns and the trunk's val loss per doubling of its CPU-hours, fitted
+    over its present recipe."""
     hours = trunk.cpu_hours_at()
-    rows = trunk.validation_rows()
+    since = recipe_since(trunk) if trunk.sittings else 0
+    rows = [r for r in trunk.validation_rows() if int(r["step"]) > since]
     val_hours = [hours[int(r["step"])] for r in rows]
     fit = loss_per_doubling(val_hours, [float(r["val_loss"]) for r in rows])
     return "\n".join(sitting_table(trunk) + [""] + resume_table(trunk) + [""] + cooldown_table(cooldowns)) + \
         "\n\ntrunk val loss per doubling of CPU-hours: " + ("fewer than two validations to fit" if fit is None else
                                                            f"{fit[0]:+.4f} (fit from {fit[1]:.2f} to "
-                                                           f"{val_hours[-1]:.2f} CPU-hours)")
+                                                           f"{val_hours[-1]:.2f} CPU-hours, its recipe since step "
+                                                           f"{since})")
 
 
 def plot_run(trunk: RunFolder, cooldowns: list[dict[str, str]], output: Path) -> None:
     """val loss and val_hole_loss of the trunk (every validation at a step it trained) and of its cooldowns'
-    ends against optimizer steps and CPU-hours."""
+    ends against optimizer steps and CPU-hours, with a line where the present recipe began."""
     hours = trunk.cpu_hours_at()
     rows = trunk.validation_rows()
     fig = Figure(figsize=(12, 4), dpi=100)
@@ -353,6 +369,10 @@ def plot_run(trunk: RunFolder, cooldowns: list[dict[str, str]], output: Path) ->
             marker, ccolor = ("*", "C3") if key == "val_loss" else ("P", "C2")
             by_step.plot([end], [value], marker, ms=11, color=ccolor, label=label)
             by_hours.plot([float(c["cpu_hours"])], [value], marker, ms=11, color=ccolor)
+    since = recipe_since(trunk) if trunk.sittings else 0
+    if since in hours and since > int(trunk.sittings[0]["first_step"]):
+        by_step.axvline(since, color="grey", ls=":", label="present recipe from here")
+        by_hours.axvline(hours[since], color="grey", ls=":")
     by_step.set(title="stage 2, long run: val cross-entropy (EMA weights)", xlabel="optimizer step")
     by_hours.set(title="against compute", xlabel="CPU-hours (seconds x threads)")
     by_step.legend(fontsize=8)

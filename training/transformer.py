@@ -647,7 +647,7 @@ class TransformerTrainer:
         steps = None
         if self.env.is_main:
             steps = StepLog(self.out / "train_steps.csv", keep_until_step=self.progress.step)
-            record_sitting(self.out / "sittings.csv", self.progress.step, self.env, self.args.amp)
+            record_sitting(self.out / "sittings.csv", self.progress.step, self.env, self.args)
         try:
             with GracefulInterrupt(verbose=self.env.is_main) as interrupt:
                 while self.progress.epoch < self.args.epochs:
@@ -663,13 +663,18 @@ class TransformerTrainer:
         return self.model, self.ema.module
 
 
-SITTING_FIELDS = ["started_utc", "first_step", "machine", "threads", "precision", "processes"]
+# config and augment came later: a file that lacks them gets empty cells in its earlier rows
+SITTING_FIELDS = ["started_utc", "first_step", "machine", "threads", "precision", "processes", "config", "augment"]
 
 
-def record_sitting(path: Path, first_step: int, env: DistEnv, amp: str) -> None:
-    """One row per process start: the machine a stretch of train_steps.csv ran on (sittings differ in CPU)."""
+def record_sitting(path: Path, first_step: int, env: DistEnv, args: argparse.Namespace) -> None:
+    """One row per process start: the machine a stretch of train_steps.csv ran on (sittings differ in CPU) and the
+    recipe it trained (a long run's loss curve bends where its config or augmentation changed)."""
     lines = path.read_text().splitlines() if path.is_file() else [",".join(SITTING_FIELDS)]
+    missing = len(SITTING_FIELDS) - len(lines[0].split(","))
+    if missing:
+        lines = [",".join(SITTING_FIELDS)] + [line + "," * missing for line in lines[1:]]
     machine = device_name(env.device).replace(",", " ")
     row = [time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()), str(first_step), machine, str(torch.get_num_threads()),
-           "bf16" if amp == "bf16" else "fp32", str(env.world_size)]
+           "bf16" if args.amp == "bf16" else "fp32", str(env.world_size), Path(args.MaskGitConfig).name, args.augment]
     atomic_write_text("\n".join(lines + [",".join(row)]) + "\n", path)

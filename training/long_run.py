@@ -51,6 +51,9 @@ VAL_SUBSET = 0.33  # the first third of val (258 of 781 images): the cooldowns' 
 LOGS = ("log.csv", "train_steps.csv", "sittings.csv")
 VALIDATION_SHARE = 0.05  # an epoch's validation, next to its steps (439 steps of 0.86 s, validation ~17 s)
 STARTUP_SECONDS = 60.0  # a training process's start, final validation and save, kept out of a cooldown's steps
+# a cooldown's steps may run slower than the trunk's median: sitting 15's by 6 %, and it missed its budget by 40 of
+# 1,877 steps; the VM's own speed varies by about 10 %
+SPEED_MARGIN = 0.10
 STOP_GRACE_SECONDS = 120.0  # how long a phase may take to save its state after its deadline's SIGTERM
 GAP_GROWTH_FOR_AUGMENT = 0.01  # nats: a gap growing faster than this per sitting switches --augment shift on
 PLATEAU_GAIN = 0.02  # val loss per CPU-hour between successive cooldowns below which the run has stopped paying
@@ -110,8 +113,9 @@ def seconds_per_step(trunk: Path, since_step: int) -> float:
 
 
 def cooldown_steps_for(minutes: float, step_seconds: float) -> int:
-    """The cooldown that fits `minutes` at `step_seconds` per step, after a process's start and end."""
-    return max(1, int((60.0 * minutes - STARTUP_SECONDS) / step_seconds))
+    """The cooldown that fits `minutes` at `step_seconds` per step, after a process's start and end, with
+    SPEED_MARGIN to spare."""
+    return max(1, int((60.0 * minutes - STARTUP_SECONDS) / (step_seconds * (1 + SPEED_MARGIN))))
 
 
 class Phases:

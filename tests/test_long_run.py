@@ -245,9 +245,9 @@ def test_a_phase_is_stopped_with_one_sigterm_so_that_it_saves(stop, tmp_path, mo
 
 
 def test_the_trunk_trend_is_fitted_only_over_its_present_recipe():
-    """Two sittings logged before sittings.csv named the recipe, then two of a new config: val loss falls 1.0 per
-    doubling of CPU-hours before the switch at step 200 and 0.1 after it. The fit's window (the last two doublings,
-    from step 100) spans the switch; only the present recipe's validations may count."""
+    """Two sittings logged before sittings.csv named the recipe, then two of a new config from step 200: val loss
+    falls 1.0 per doubling of CPU-hours before the switch and 0.1 per doubling of the new recipe's own CPU-hours
+    after it. Only the present recipe's validations may count, against its own hours."""
     old = {"machine": "m", "threads": "1", "precision": "fp32"}
     new = {**old, "config": "pixels.yml", "augment": "flip"}
     sittings = [{**old, "first_step": "0"}, {**old, "first_step": "100", "config": "", "augment": ""},
@@ -255,14 +255,12 @@ def test_the_trunk_trend_is_fitted_only_over_its_present_recipe():
     steps = [(k, 5.0, 36.0) for k in range(1, 401)]  # 0.01 CPU-hours a step
 
     def val_loss(step: int) -> float:
-        doublings = math.log2(step / 100)
-        return 10.0 - doublings if step <= 200 else 3.0 - 0.1 * doublings
+        return 10.0 - math.log2(step / 100) if step <= 200 else 3.0 - 0.1 * math.log2((step - 200) / 100)
     log = [{"step": str(k), "val_loss": str(val_loss(k)), "kind": "epoch"} for k in range(50, 401, 50)]
     trunk = RunFolder("trunk", log, steps, sittings)
     assert training.long_run.recipe_since(trunk) == 200
-    tables = training.long_run.run_tables(trunk, [])
-    assert "trunk val loss per doubling of CPU-hours: -0.1000 (fit from 1.00 to 4.00 CPU-hours, its recipe " \
-           "since step 200)" in tables
+    assert "trunk val loss per doubling of its CPU-hours since step 200 (its present recipe): -0.1000 (fit from " \
+           "0.50 to 2.00 CPU-hours)" in training.long_run.run_tables(trunk, [])
     assert training.long_run.recipe_since(RunFolder("trunk", log, steps, sittings[:2])) == 0
 
 

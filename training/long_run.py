@@ -341,18 +341,17 @@ def recipe_since(trunk: RunFolder) -> int:
 
 
 def run_tables(trunk: RunFolder, cooldowns: list[dict[str, str]]) -> str:
-    """The sittings, the resumes, the cooldowns and the trunk's val loss per doubling of its CPU-hours, fitted
-    over its present recipe."""
+    """The sittings, the resumes, the cooldowns and the trunk's val loss per doubling of the CPU-hours its present
+    recipe has trained."""
     hours = trunk.cpu_hours_at()
     since = recipe_since(trunk) if trunk.sittings else 0
     rows = [r for r in trunk.validation_rows() if int(r["step"]) > since]
-    val_hours = [hours[int(r["step"])] for r in rows]
+    val_hours = [hours[int(r["step"])] - hours.get(since, 0.0) for r in rows]
     fit = loss_per_doubling(val_hours, [float(r["val_loss"]) for r in rows])
     return "\n".join(sitting_table(trunk) + [""] + resume_table(trunk) + [""] + cooldown_table(cooldowns)) + \
-        "\n\ntrunk val loss per doubling of CPU-hours: " + ("fewer than two validations to fit" if fit is None else
-                                                           f"{fit[0]:+.4f} (fit from {fit[1]:.2f} to "
-                                                           f"{val_hours[-1]:.2f} CPU-hours, its recipe since step "
-                                                           f"{since})")
+        f"\n\ntrunk val loss per doubling of its CPU-hours since step {since} (its present recipe): " + \
+        ("fewer than two validations to fit" if fit is None else
+         f"{fit[0]:+.4f} (fit from {fit[1]:.2f} to {val_hours[-1]:.2f} CPU-hours)")
 
 
 def plot_run(trunk: RunFolder, cooldowns: list[dict[str, str]], output: Path) -> None:

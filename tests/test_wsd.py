@@ -190,7 +190,7 @@ def test_long_run_plot_draws_the_trunk_and_its_cooldowns_and_tables_each_sitting
     assert len(sittings) == 2 and "| 1-6 |" in sittings[0] and "| 7-12 |" in sittings[1]
     assert "| 6 | " in printed  # the resume after step 6: losses before and after
     assert "| cooldown_12 | 12 | 2 |" in printed and printed.count(" | - |") == 1  # no cooldown before it
-    assert "trunk val loss per doubling of CPU-hours: " in printed
+    assert "trunk val loss per doubling of its CPU-hours since step 0 (its present recipe): " in printed
 
 
 def test_the_plateau_figures_are_gains_per_cpu_hour_and_the_slope_per_doubling():
